@@ -1,0 +1,1 @@
+example = [{"text": "hello", "id": 1}]

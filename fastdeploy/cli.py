@@ -1,0 +1,138 @@
+"""The only place that sees argv: builds Settings and starts the right processes.
+
+    fastdeploy run RECIPE      API server(s) and prediction loop(s), the usual way
+    fastdeploy serve RECIPE    API server(s) only (needs --broker to share a queue)
+    fastdeploy worker RECIPE   prediction loop(s) only (needs --broker)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from fastdeploy import __version__
+from fastdeploy.errors import FastDeployError
+from fastdeploy.settings import OPTIONS, Settings, load_settings
+
+log = logging.getLogger("fastdeploy")
+
+_COMMANDS = {
+    "run": "serve a recipe: API server(s) and prediction loop(s)",
+    "serve": "API server(s) only; pair with workers through --broker",
+    "worker": "prediction loop(s) only; pair with API servers through --broker",
+}
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe folder (predictor.py and example.py)")
+    for option in OPTIONS:
+        names = ", ".join((option.env, *option.legacy_env))
+        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": f"{option.help} [env {names}]"}
+        if option.type not in (int, float, str):  # booleans: --only-async or --only-async=false
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(option.flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdeploy", description="Serve any Python predictor over HTTP.")
+    parser.add_argument("--version", action="version", version=f"fastdeploy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in _COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        _add_settings(sub)
+        if name == "worker":
+            sub.add_argument("--stage", type=int, action="append", help="serve only this stage (repeatable)")
+    api = commands.add_parser("_api")  # internal: one API server process on an inherited socket
+    _add_settings(api)
+    api.add_argument("--fd", type=int, required=True)
+    loop = commands.add_parser("_loop")  # internal: one prediction loop process
+    _add_settings(loop)
+    loop.add_argument("--stage", type=int, required=True)
+    loop.add_argument("--worker-id", required=True)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {o.name: getattr(args, o.name) for o in OPTIONS}
+    try:
+        settings = load_settings(args.recipe, flags)
+        _configure_logging(settings.log_level)
+        return _dispatch(args, settings)
+    except FastDeployError as exc:
+        print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from fastdeploy.recipe import load_recipe
+
+    recipe = load_recipe(settings.recipe_dir)
+    if args.command == "_api":
+        return _run_api(settings, recipe, args.fd)
+    if args.command == "_loop":
+        return _run_loop(settings, recipe, args.stage, args.worker_id)
+    from fastdeploy.supervisor import Supervisor
+
+    if args.command in ("serve", "worker") and not settings.broker:
+        log.warning(
+            "no --broker given: %s uses the embedded store in %s, shared only with processes on this host",
+            args.command, settings.state_path,
+        )
+    stages = None
+    if args.command == "worker" and args.stage:
+        bad = [s for s in args.stage if not 0 <= s < recipe.stages]
+        if bad:
+            raise FastDeployError(f"--stage {bad[0]} does not exist; this recipe has stages 0..{recipe.stages - 1}")
+        stages = sorted(set(args.stage))
+    supervisor = Supervisor(
+        settings, recipe, serve_api=args.command in ("run", "serve"), run_loops=args.command in ("run", "worker"),
+        stages=stages,
+    )
+    return supervisor.run()
+
+
+def _run_api(settings: Settings, recipe: Any, fd: int) -> int:
+    import uvicorn
+
+    from fastdeploy.http.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, recipe),
+        fd=fd,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.timeout) + 5,
+        backlog=4096,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str) -> int:
+    from fastdeploy.loop import PredictionLoop
+    from fastdeploy.store.base import open_store
+
+    store = open_store(settings.broker, str(settings.state_path))
+    loop = PredictionLoop(settings, recipe, stage, worker_id, store)
+    loop.install_signal_handlers()
+    try:
+        loop.run()
+    finally:
+        store.close()
+    return 0

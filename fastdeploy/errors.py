@@ -1,0 +1,61 @@
+"""One error tree: each error knows the HTTP status and the reason a person can act on."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class FastDeployError(Exception):
+    """Base of every error fastDeploy raises on purpose."""
+
+    status: int = 500
+
+    def __init__(self, reason: str, *, retry_after: Optional[float] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class SettingsError(FastDeployError):
+    """An option has an invalid value; the message names the option."""
+
+
+class RecipeError(FastDeployError):
+    """A recipe folder is missing a file or defines something wrongly."""
+
+
+class BadRequest(FastDeployError):
+    status = 400
+
+
+class NotFound(FastDeployError):
+    status = 404
+
+
+class PayloadTooLarge(FastDeployError):
+    status = 413
+
+
+class Unauthorized(FastDeployError):
+    status = 401
+
+
+class Unavailable(FastDeployError):
+    """Not ready, queue full or store unreachable: the client should retry later."""
+
+    status = 503
+
+    def __init__(self, reason: str, *, retry_after: Optional[float] = 1.0) -> None:
+        super().__init__(reason, retry_after=retry_after)
+
+
+class TimedOut(FastDeployError):
+    status = 504
+
+
+class PredictionFailed(FastDeployError):
+    status = 500
+
+
+class StoreUnavailable(Unavailable):
+    """The store (SQLite file or Redis) cannot be reached right now."""

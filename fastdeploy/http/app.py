@@ -1,0 +1,177 @@
+"""Routes, error mapping and body limits. Talks only to the service, never to a loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
+from fastdeploy.http.openapi import openapi_document
+from fastdeploy.jobs import BATCH_BUCKETS
+from fastdeploy.metrics import Metrics
+from fastdeploy.payloads import parse_request, parse_unique_id
+from fastdeploy.recipe import Recipe
+from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
+from fastdeploy.settings import Settings
+from fastdeploy.store.base import open_store
+from fastdeploy.webhooks import WebhookSender
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(exc: FastDeployError) -> Response:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    return json_response(exc.status, orjson.dumps({"success": False, "reason": exc.reason}), headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) anything over the limit before reading it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (max_body_mb)")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes (max_body_mb)")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def create_app(settings: Settings, recipe: Recipe) -> Starlette:
+    """The ASGI app of one API server process; the store opens when the app starts."""
+    state: dict[str, Any] = {}
+
+    def service() -> Service:
+        return state["service"]
+
+    def metrics() -> Metrics:
+        return state["metrics"]
+
+    def measured(endpoint: str, handler: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await handler(request)
+            except FastDeployError as exc:
+                response = error_response(exc)
+            except Exception:  # the boundary: log the trace, answer without it
+                log.exception("unexpected error on %s", endpoint)
+                response = json_response(500, b'{"success":false,"reason":"internal server error; see the server log"}')
+            metrics().observe(endpoint, response.status_code, time.perf_counter() - started)
+            return response
+
+        return wrapped
+
+    file_mode = recipe.is_file
+    limit = settings.max_body_bytes
+
+    async def sync(request: Request) -> Response:
+        if settings.only_async:
+            raise BadRequest("this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction")
+        parsed = parse_request(
+            await read_body(request, limit), file_mode=file_mode, sync=True,
+            max_items=settings.max_per_client_batch,
+        )
+        answer: Answer = await service().predict_sync(parsed)
+        return json_response(answer.status, answer.body)
+
+    async def async_(request: Request) -> Response:
+        parsed = parse_request(
+            await read_body(request, limit), file_mode=file_mode, sync=False,
+            max_items=settings.max_per_client_batch, allowed_webhook_hosts=settings.allowed_webhook_hosts,
+        )
+        unique_id = await service().submit_async(parsed)
+        return json_response(200, b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b"}")
+
+    async def result(request: Request) -> Response:
+        answer = await service().result(parse_unique_id(await read_body(request, limit)))
+        return json_response(answer.status, answer.body)
+
+    async def health(request: Request) -> Response:
+        return json_response(200, b'{"success":true,"status":"alive"}')
+
+    async def ready(request: Request) -> Response:
+        reason = service().not_ready_reason()
+        if reason is None:
+            return json_response(200, b'{"success":true,"status":"ready"}')
+        return json_response(503, orjson.dumps({"success": False, "reason": reason}), {"Retry-After": "1"})
+
+    async def meta(request: Request) -> Response:
+        return json_response(200, orjson.dumps(service().meta()))
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics().render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(request: Request) -> Response:
+        return json_response(200, orjson.dumps(openapi_document(recipe)))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        if status == 404:
+            detail = f"no endpoint {request.url.path}; see GET /openapi.json for the endpoints"
+        elif status == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return json_response(status, orjson.dumps({"success": False, "reason": detail}))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = open_store(settings.broker, str(settings.state_path))
+        svc = Service(settings, recipe, store)
+        state["service"] = svc
+        state["metrics"] = Metrics(svc.snapshot, BATCH_BUCKETS)
+        await svc.start()
+        sender = WebhookSender(settings, store, svc.bridge.call)
+        tasks = [asyncio.create_task(sender.run()), asyncio.create_task(_refresh_forever(svc))]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await svc.stop()
+            store.close()
+
+    routes = [
+        Route("/sync", measured("sync", sync), methods=["POST"]),
+        Route("/async", measured("async", async_), methods=["POST"]),
+        Route("/result", measured("result", result), methods=["POST"]),
+        Route("/health", measured("health", health), methods=["GET"]),
+        Route("/ready", measured("ready", ready), methods=["GET"]),
+        Route("/meta", measured("meta", meta), methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+async def _refresh_forever(svc: Service) -> None:
+    """Keep readiness, queue depth and maintenance fresh; stop if the supervisor is gone."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(SNAPSHOT_SECONDS)
+        await svc.refresh()
+        if os.getppid() != parent:
+            log.warning("the supervisor is gone; stopping")
+            os.kill(os.getpid(), 15)
+            return

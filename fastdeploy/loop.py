@@ -1,0 +1,340 @@
+"""The prediction loop: claim queued jobs, run one stage's predictor in batches, record outcomes.
+
+One loop process serves one stage. It warms up on the recipe's example, measures its
+batch size, then repeatedly claims jobs (across requests) up to that size, splits
+anything bigger, bisects a failing batch so only the requests holding the bad input
+fail, and reports itself with a heartbeat that also extends its leases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from fastdeploy import batching
+from fastdeploy.errors import FastDeployError
+from fastdeploy.jobs import (
+    BATCH_BUCKETS,
+    ClaimedJob,
+    Outcome,
+    WorkerInfo,
+    decode_payload,
+    encode_prediction,
+    encode_stage_outputs,
+)
+from fastdeploy.recipe import Recipe, load_predictor
+from fastdeploy.settings import Settings
+from fastdeploy.store.base import Store
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.25  # fallback poll when no ring arrives
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+class PredictorOutputError(Exception):
+    """The predictor returned something fastDeploy cannot hand back (wrong length)."""
+
+
+@dataclass
+class LoopStats:
+    """Counters reported with every heartbeat; the API turns them into Prometheus metrics."""
+
+    batches: int = 0
+    items: int = 0
+    failed_jobs: int = 0
+    predict_seconds: float = 0.0
+    batch_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_BUCKETS))
+    batch_sum: int = 0
+
+    def record_call(self, size: int, seconds: float) -> None:
+        self.batches += 1
+        self.items += size
+        self.batch_sum += size
+        self.predict_seconds += seconds
+        for i, bound in enumerate(BATCH_BUCKETS):
+            if size <= bound:
+                self.batch_buckets[i] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "failed_jobs": self.failed_jobs,
+            "predict_seconds": self.predict_seconds,
+            "batch_buckets": list(self.batch_buckets),
+            "batch_sum": self.batch_sum,
+        }
+
+
+def apply_thread_limit(default_threads: int) -> int:
+    """Set BLAS / OpenMP thread counts before the predictor imports its libraries.
+
+    A user's own OMP_NUM_THREADS wins; otherwise each loop gets cores / loop processes, so
+    several loops on a small machine do not fight over the same cores.
+    """
+    threads = int(os.environ.get("OMP_NUM_THREADS") or default_threads)
+    for name in _THREAD_VARIABLES:
+        os.environ.setdefault(name, str(threads))
+    return threads
+
+
+def _limit_torch_threads(threads: int) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            torch.set_num_threads(threads)
+        except (RuntimeError, AttributeError) as exc:
+            log.warning("could not set torch threads: %s", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PredictionLoop:
+    """Serves one stage of a recipe from the store until asked to stop."""
+
+    def __init__(self, settings: Settings, recipe: Recipe, stage: int, worker_id: str, store: Store) -> None:
+        self.settings = settings
+        self.recipe = recipe
+        self.stage = stage
+        self.worker_id = worker_id
+        self.store = store
+        self.stats = LoopStats()
+        self.batch_size = max(1, settings.batch_size or 1)
+        self.seconds_per_item = 0.0
+        self.ready = False
+        self._stop = threading.Event()
+        self._predictor: Optional[Callable[..., Any]] = None
+        self._is_last = stage == recipe.stages - 1
+        self._file_stage = recipe.is_file and stage == 0
+
+    # -- lifecycle ------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> None:
+        """Load, warm up, measure, then serve until stopped. Leaves no job leased behind."""
+        self.store.listen_for_jobs(self.stage)
+        heartbeat = threading.Thread(target=self._heartbeat_forever, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            self._load()
+            if self._stop.is_set():
+                return
+            self.ready = True
+            self._send_heartbeat()
+            log.info(
+                "stage %d ready: batch size %d, %.3f ms per input", self.stage, self.batch_size,
+                self.seconds_per_item * 1000,
+            )
+            self._serve()
+        finally:
+            self._stop.set()
+            heartbeat.join(timeout=5)
+            self.store.release_worker(self.worker_id)
+
+    def _load(self) -> None:
+        loops_here = max(1, self.settings.replicas * self.recipe.stages)
+        threads = apply_thread_limit(self.settings.threads or max(1, (os.cpu_count() or 1) // loops_here))
+        self._predictor = load_predictor(self.recipe, self.stage)
+        _limit_torch_threads(threads)
+        example = self._example_inputs()
+        self._call(example[: max(1, min(len(example), self.batch_size))])  # warm-up
+        if self.settings.batch_size:
+            self.batch_size = self.settings.batch_size
+            self.seconds_per_item = self._measure(example, self.batch_size) / self.batch_size
+        else:
+            choice = batching.search_batch_size(lambda n: self._measure(example, n), self.settings.max_batch_size)
+            self.batch_size, self.seconds_per_item = choice.batch_size, choice.seconds_per_item
+            log.info("stage %d batch size search: %s", self.stage, choice.trials)
+
+    def _example_inputs(self) -> list[Any]:
+        """This stage's inputs for the example: the files, or what the earlier stages make of them."""
+        inputs: list[Any] = self.recipe.example_paths() if self.recipe.is_file else list(self.recipe.example)
+        for earlier in range(self.stage):
+            inputs = list(load_predictor(self.recipe, earlier)(inputs, batch_size=len(inputs)))
+        return inputs
+
+    def _measure(self, example: Sequence[Any], n: int) -> float:
+        inputs = batching.cycle_to(example, n)
+        best = float("inf")
+        started = time.perf_counter()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            self._call(inputs)
+            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() - started > 0.05:
+                break
+        return best
+
+    def _call(self, inputs: Sequence[Any]) -> list[Any]:
+        assert self._predictor is not None
+        outputs = self._predictor(list(inputs), batch_size=len(inputs))
+        if outputs is None or not hasattr(outputs, "__len__"):
+            raise PredictorOutputError(f"the predictor returned {type(outputs).__name__}, not a list of outputs")
+        if len(outputs) != len(inputs):
+            raise PredictorOutputError(
+                f"the predictor returned {len(outputs)} outputs for {len(inputs)} inputs; it must return one per input"
+            )
+        return list(outputs)
+
+    # -- heartbeat ------------------------------------------------------------
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(
+            self.worker_id, self.stage, socket.gethostname(), os.getpid(), self.batch_size, self.ready,
+            time.time(), self.stats.as_dict(),
+        )
+
+    def _send_heartbeat(self) -> None:
+        try:
+            self.store.heartbeat(self._info(), self.settings.lease_seconds)
+        except FastDeployError as exc:
+            log.warning("heartbeat failed (will retry): %s", exc.reason)
+
+    def _heartbeat_forever(self) -> None:
+        parent = os.getppid()
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            self._send_heartbeat()
+            if os.getppid() != parent:
+                log.warning("the supervisor is gone; stopping")
+                self.stop()
+
+    # -- serving --------------------------------------------------------------
+    def _serve(self) -> None:
+        busy = False
+        while not self._stop.is_set():
+            try:
+                jobs = self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
+            except FastDeployError as exc:
+                log.warning("cannot claim jobs (retrying): %s", exc.reason)
+                self._stop.wait(1.0)
+                continue
+            if not jobs:
+                busy = False
+                self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
+                continue
+            jobs = self._top_up(jobs, busy)
+            busy = True
+            self.process(jobs)
+
+    def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
+        """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle."""
+        have = sum(j.n_items for j in jobs)
+        wait = batching.fill_wait_seconds(have, self.batch_size, self.seconds_per_item, self.settings.max_wait, busy)
+        deadline = time.monotonic() + wait
+        while have < self.batch_size and (remaining := deadline - time.monotonic()) > 0:
+            self.store.wait_for_jobs(self.stage, remaining)
+            more = self.store.claim(self.stage, self.batch_size - have, self.worker_id, self.settings.lease_seconds)
+            if more and have + sum(j.n_items for j in more) > self.batch_size and len(more) == 1:
+                jobs.extend(more)  # an oversized request is split below; take it rather than bounce it
+                break
+            jobs.extend(more)
+            have += sum(j.n_items for j in more)
+        return jobs
+
+    def process(self, jobs: Sequence[ClaimedJob]) -> None:
+        """Predict every input of the claimed jobs and record one outcome per job."""
+        folders: list[Path] = []
+        try:
+            flat: list[Any] = []
+            owners: list[int] = []  # job index of each flat input
+            spans: list[tuple[int, int]] = []  # (first flat index, count) per job
+            keys: list[Optional[list[str]]] = []
+            failures: dict[int, str] = {}
+            for index, job in enumerate(jobs):
+                inputs: list[Any] = []
+                job_keys: Optional[list[str]] = None
+                try:
+                    inputs, job_keys = decode_payload(job.payload)
+                    if self._file_stage:
+                        folder = Path(tempfile.mkdtemp(prefix="fastdeploy-"))
+                        folders.append(folder)
+                        inputs = self._write_files(folder, inputs)
+                except Exception as exc:  # a corrupt payload fails its own job only
+                    failures[index] = f"could not prepare the inputs: {_describe(exc)}"
+                    inputs = []
+                spans.append((len(flat), len(inputs)))
+                keys.append(job_keys)
+                flat.extend(inputs)
+                owners.extend([index] * len(inputs))
+            results: list[Any] = [None] * len(flat)
+            for first in range(0, len(flat), self.batch_size):
+                last = min(len(flat), first + self.batch_size)
+                self._predict_range(flat, owners, spans, results, failures, list(range(first, last)))
+            outcomes = [
+                self._outcome(job, results[spans[i][0] : spans[i][0] + spans[i][1]], keys[i], failures.get(i))
+                for i, job in enumerate(jobs)
+            ]
+            self.stats.failed_jobs += len(failures)
+            self.store.finish(outcomes, self.worker_id)
+        finally:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @staticmethod
+    def _write_files(folder: Path, files: list[Any]) -> list[str]:
+        paths = []
+        for name, content in files:
+            path = folder / name
+            path.write_bytes(content)
+            paths.append(str(path))
+        return paths
+
+    def _predict_range(
+        self,
+        flat: list[Any],
+        owners: list[int],
+        spans: list[tuple[int, int]],
+        results: list[Any],
+        failures: dict[int, str],
+        indices: list[int],
+    ) -> None:
+        """Predict flat[indices]; on an error bisect so only the requests holding failing inputs fail."""
+        live = [i for i in indices if owners[i] not in failures]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            outputs = self._call([flat[i] for i in live])
+        except Exception as exc:  # the predictor is user code: contain whatever it raises
+            if len(live) == 1:
+                owner = owners[live[0]]
+                position = live[0] - spans[owner][0]
+                failures[owner] = f"the predictor failed on input {position} of this request: {_describe(exc)}"
+                log.info("job %s failed on input %d: %s", owner, position, _describe(exc))
+                return
+            half = len(live) // 2
+            self._predict_range(flat, owners, spans, results, failures, live[:half])
+            self._predict_range(flat, owners, spans, results, failures, live[half:])
+            return
+        self.stats.record_call(len(live), time.perf_counter() - t0)
+        for i, output in zip(live, outputs):
+            results[i] = output
+
+    def _outcome(self, job: ClaimedJob, outputs: list[Any], keys: Optional[list[str]], failure: Optional[str]) -> Outcome:
+        if failure is not None:
+            return Outcome(job.id, self.stage, reason=failure)
+        try:
+            if self._is_last:
+                return Outcome(job.id, self.stage, result=encode_prediction(outputs, keys))
+            return Outcome(job.id, self.stage, payload=encode_stage_outputs(outputs, keys), n_items=len(outputs))
+        except Exception as exc:  # unencodable user output fails this job only
+            what = "as JSON" if self._is_last else "for the next stage"
+            return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {_describe(exc)}")

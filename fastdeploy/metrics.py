@@ -1,0 +1,80 @@
+"""Prometheus metrics of one API server process, plus what the store knows about all loops."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from fastdeploy.jobs import WorkerInfo
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _StoreCollector(Collector):
+    """Queue depth per stage, live loops and their batch sizes, read from the store at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]], buckets: Sequence[int]) -> None:
+        self._snapshot = snapshot
+        self._buckets = buckets
+
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+        depths, workers = self._snapshot()
+        depth = GaugeMetricFamily("fastdeploy_queue_depth", "Jobs waiting to be claimed, per stage", labels=["stage"])
+        for stage, value in enumerate(depths):
+            depth.add_metric([str(stage)], value)
+        yield depth
+        alive = GaugeMetricFamily("fastdeploy_workers", "Prediction loops alive and ready, per stage", labels=["stage"])
+        size = GaugeMetricFamily("fastdeploy_worker_batch_size", "Batch size each loop measured", labels=["stage", "worker"])
+        items = GaugeMetricFamily("fastdeploy_worker_items_total", "Inputs each loop predicted", labels=["stage", "worker"])
+        hist = HistogramMetricFamily("fastdeploy_batch_size", "Inputs per predictor call, all live loops", labels=["stage"])
+        per_stage: dict[int, tuple[list[int], int, int]] = {}
+        ready: dict[int, int] = {stage: 0 for stage in range(len(depths))}
+        for worker in workers:
+            ready[worker.stage] = ready.get(worker.stage, 0) + int(worker.ready)
+            size.add_metric([str(worker.stage), worker.worker_id], worker.batch_size)
+            items.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("items", 0))
+            counts, calls, total = per_stage.get(worker.stage, ([0] * len(self._buckets), 0, 0))
+            for i, value in enumerate(worker.stats.get("batch_buckets", [])[: len(counts)]):
+                counts[i] += value
+            per_stage[worker.stage] = (
+                counts, calls + worker.stats.get("batches", 0), total + worker.stats.get("batch_sum", 0)
+            )
+        for stage, value in sorted(ready.items()):
+            alive.add_metric([str(stage)], value)
+        for stage, (counts, calls, total) in sorted(per_stage.items()):
+            buckets = [(str(b), c) for b, c in zip(self._buckets, counts)]
+            buckets.append(("+Inf", calls))
+            hist.add_metric([str(stage)], buckets, total)
+        yield alive
+        yield size
+        yield items
+        yield hist
+
+
+class Metrics:
+    """The metrics registry of one API server process."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]],
+        batch_buckets: Sequence[int],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fastdeploy_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "fastdeploy_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StoreCollector(snapshot, batch_buckets))
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,280 @@
+"""What the API server does, without HTTP: accept jobs, wait for results, report state.
+
+Store calls block, so they run on one dedicated thread; submissions that arrive while
+that thread is busy are written together in one transaction (group commit). A listener
+thread turns the loops' "results ready" rings into resolved futures for waiting /sync
+requests, with a short poll as the fallback for lost rings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+import orjson
+
+from fastdeploy.errors import FastDeployError, NotFound, StoreUnavailable, TimedOut, Unavailable
+from fastdeploy.jobs import JobStatus, JobView, NewJob, WorkerInfo, encode_inputs, new_job_id, result_document
+from fastdeploy.payloads import ParsedRequest
+from fastdeploy.recipe import Recipe
+from fastdeploy.settings import Settings
+from fastdeploy.store.base import Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
+SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP-ready answer: status code and JSON body bytes."""
+
+    status: int
+    body: bytes
+
+
+class StoreBridge:
+    """Runs blocking store calls on one thread and batches submissions into one transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._pending: list[tuple[NewJob, asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+        self._lock = threading.Lock()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def submit(self, job: NewJob) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._pending.append((job, future))
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:
+            self._executor.submit(self._flush, loop)
+        await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._flush_scheduled = False
+        if not batch:
+            return
+        error: Optional[BaseException] = None
+        try:
+            self.store.submit([job for job, _ in batch])
+        except FastDeployError as exc:
+            error = exc
+        except Exception as exc:  # store backends may raise their own errors: report as unavailable
+            log.exception("store submit failed")
+            error = StoreUnavailable(f"the job store failed: {exc}")
+        loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _settle(futures: Sequence[asyncio.Future[None]], error: Optional[BaseException]) -> None:
+    for future in futures:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+class Service:
+    """Accepts jobs, answers /sync waits, /result reads, readiness and meta."""
+
+    def __init__(self, settings: Settings, recipe: Recipe, store: Store) -> None:
+        self.settings = settings
+        self.recipe = recipe
+        self.store = store
+        self.bridge = StoreBridge(store)
+        self._waiters: dict[str, asyncio.Future[JobView]] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop = threading.Event()
+        self._listener: Optional[threading.Thread] = None
+        self._depths: list[int] = [0] * recipe.stages
+        self._workers: list[WorkerInfo] = []
+        self._unfinished = 0
+        self._snapshot_at = 0.0
+        self._store_error: Optional[str] = None
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.store.listen_for_results()
+        self._listener = threading.Thread(target=self._listen, name="results", daemon=True)
+        self._listener.start()
+        await self.refresh()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 2.0)
+        self.bridge.close()
+
+    # -- snapshot of store state (readiness, meta, metrics, queue bound) -------
+    async def refresh(self) -> None:
+        """Re-read queue depths and live workers; run store maintenance."""
+        try:
+            self._depths, self._workers, self._unfinished = await self.bridge.call(self._read_snapshot)
+            self._store_error = None
+        except FastDeployError as exc:
+            self._store_error = exc.reason
+        except Exception as exc:  # backend-specific connection errors
+            self._store_error = f"the job store is unreachable: {exc}"
+            log.warning("store snapshot failed: %s", exc)
+        self._snapshot_at = time.monotonic()
+
+    def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int]:
+        now = time.time()
+        self.store.maintain(now, self.settings.result_ttl, self.worker_timeout)
+        return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished()
+
+    @property
+    def worker_timeout(self) -> float:
+        return max(5.0, 5 * self.settings.heartbeat_seconds)
+
+    def live_workers(self) -> list[WorkerInfo]:
+        cutoff = time.time() - self.worker_timeout
+        return [w for w in self._workers if w.seen >= cutoff]
+
+    def snapshot(self) -> tuple[list[int], list[WorkerInfo]]:
+        return list(self._depths), self.live_workers()
+
+    def not_ready_reason(self) -> Optional[str]:
+        if self._store_error:
+            return self._store_error
+        ready_stages = {w.stage for w in self.live_workers() if w.ready}
+        waiting = [str(s) for s in range(self.recipe.stages) if s not in ready_stages]
+        if waiting:
+            return f"not ready: no prediction loop is serving stage(s) {', '.join(waiting)} yet (loading or warming up)"
+        return None
+
+    # -- requests -------------------------------------------------------------
+    def _check_capacity(self) -> None:
+        if self._store_error:
+            raise StoreUnavailable(self._store_error, retry_after=2.0)
+        if self._unfinished >= self.settings.queue_limit:
+            raise Unavailable(
+                f"the queue is full ({self._unfinished} unfinished jobs, limit {self.settings.queue_limit}); retry later",
+                retry_after=2.0,
+            )
+
+    def _new_job(self, request: ParsedRequest, deadline: Optional[float]) -> NewJob:
+        payload = encode_inputs(request.inputs, request.keys)
+        return NewJob(new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook)
+
+    async def submit_async(self, request: ParsedRequest) -> str:
+        self._check_capacity()
+        job = self._new_job(request, None)
+        await self.bridge.submit(job)
+        self._unfinished += 1
+        return job.id
+
+    async def predict_sync(self, request: ParsedRequest) -> Answer:
+        self._check_capacity()
+        timeout = self.settings.timeout
+        job = self._new_job(request, time.time() + timeout)
+        assert self._loop is not None
+        waiter: asyncio.Future[JobView] = self._loop.create_future()
+        self._waiters[job.id] = waiter
+        try:
+            await self.bridge.submit(job)
+            self._unfinished += 1
+            try:
+                view = await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                raise TimedOut(
+                    f"no prediction within TIMEOUT={timeout:g} s; the request was dropped "
+                    f"(unique_id {job.id}); use /async for long jobs"
+                ) from None
+        finally:
+            self._waiters.pop(job.id, None)
+        if view.status is JobStatus.DONE:
+            body = b'{"success":true,"unique_id":' + orjson.dumps(job.id) + b',"prediction":' + (view.result or b"null") + b"}"
+            return Answer(200, body)
+        reason = view.reason or "the prediction failed"
+        return Answer(view.error_status, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+
+    async def result(self, unique_id: str) -> Answer:
+        views = await self.bridge.call(self.store.get, [unique_id])
+        view = views.get(unique_id)
+        if view is None:
+            raise NotFound(f"unique_id {unique_id!r} is unknown or its result has expired")
+        return Answer(200, result_document(view.id, view.status, view.result, view.reason))
+
+    # -- results listener (its own thread) -------------------------------------
+    def _listen(self) -> None:
+        last_poll = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                ids = self.store.wait_for_results(RESULT_POLL_SECONDS)
+                wanted = [i for i in ids if i in self._waiters]
+                if time.monotonic() - last_poll >= RESULT_POLL_SECONDS:
+                    wanted = list(self._waiters)  # fallback: check every waiter
+                    last_poll = time.monotonic()
+                if not wanted:
+                    continue
+                views = self.store.get(wanted)
+            except Exception as exc:  # keep listening whatever the store does; it may come back
+                log.warning("result listener: %s", exc)
+                self._stop.wait(0.5)
+                continue
+            finished = [v for v in views.values() if v.status.finished]
+            if finished and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._resolve, finished)
+
+    def _resolve(self, views: list[JobView]) -> None:
+        for view in views:
+            waiter = self._waiters.get(view.id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(view)
+
+    # -- meta -----------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        workers = self.live_workers()
+        stages = []
+        for stage, file in enumerate(self.recipe.stage_files):
+            mine = [w for w in workers if w.stage == stage]
+            stages.append({
+                "stage": stage,
+                "file": file.name,
+                "batch_size": max((w.batch_size for w in mine if w.ready), default=None),
+                "queue_depth": self._depths[stage] if stage < len(self._depths) else 0,
+                "workers": [
+                    {"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "batch_size": w.batch_size,
+                     "ready": w.ready, "items": w.stats.get("items", 0)}
+                    for w in mine
+                ],
+            })
+        example = [str(p) for p in self.recipe.example] if self.recipe.is_file else self.recipe.example
+        s = self.settings
+        return {
+            "name": self.recipe.name,
+            "input_type": self.recipe.input_type,
+            "example": example,
+            "stages": stages,
+            "ready": self.not_ready_reason() is None,
+            "limits": {
+                "timeout": s.timeout,
+                "max_per_client_batch": s.max_per_client_batch,
+                "max_body_mb": s.max_body_mb,
+                "queue_limit": s.queue_limit,
+                "only_async": s.only_async,
+                "result_ttl": s.result_ttl,
+            },
+        }

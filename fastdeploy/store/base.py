@@ -1,0 +1,138 @@
+"""The store contract: the only thing API servers and prediction loops share.
+
+Every backend (embedded SQLite, Redis) implements this class and passes the same
+contract test suite (tests/store/). The store is the truth for every job; doorbells
+(``ring_*`` / ``wait_for_*``) only cut latency, so a lost ring costs a short poll,
+never a job.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, WorkerInfo
+
+# A job whose loop died this many times while holding it fails instead of killing more loops.
+MAX_ATTEMPTS = 3
+POISON_REASON = (
+    "the prediction loop stopped {n} times while predicting this request; "
+    "it was not retried again (check the predictor's memory use and logs)"
+)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One pending webhook POST, claimed by one sender at a time."""
+
+    job_id: str
+    url: str
+    body: bytes
+    attempts: int
+
+
+class Store(abc.ABC):
+    """Jobs, leases, results, workers and the webhook outbox, behind one small API."""
+
+    # -- API side -------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, jobs: Sequence[NewJob]) -> None:
+        """Queue jobs at stage 0, durably, then ring the stage-0 loops."""
+
+    @abc.abstractmethod
+    def get(self, ids: Sequence[str]) -> dict[str, JobView]:
+        """The current view of each known id; unknown or expired ids are left out."""
+
+    @abc.abstractmethod
+    def unfinished(self) -> int:
+        """Jobs queued or processing at any stage (for the queue bound)."""
+
+    @abc.abstractmethod
+    def queue_depths(self, stages: int) -> list[int]:
+        """Jobs waiting to be claimed, per stage."""
+
+    @abc.abstractmethod
+    def wait_for_results(self, timeout: float) -> list[str]:
+        """Block up to ``timeout`` for news of finished jobs; returns their ids (maybe none)."""
+
+    # -- loop side ------------------------------------------------------------
+    @abc.abstractmethod
+    def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
+        """Atomically lease queued jobs of ``stage`` in priority order, up to ``max_items`` inputs.
+
+        Always returns at least one job when any is queued, even if it alone holds more
+        than ``max_items`` inputs. Jobs whose deadline has passed are failed (timed out)
+        instead of returned.
+        """
+
+    @abc.abstractmethod
+    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
+        """Record each outcome once: move to the next stage, store the result, or fail.
+
+        An outcome for a job that already finished or moved on (it was predicted twice
+        after a lease ran out) is ignored, so a result is delivered once.
+        """
+
+    @abc.abstractmethod
+    def wait_for_jobs(self, stage: int, timeout: float) -> None:
+        """Block up to ``timeout`` or until a ring says jobs are waiting at ``stage``."""
+
+    # -- workers --------------------------------------------------------------
+    @abc.abstractmethod
+    def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
+        """Record a loop as alive and extend the leases of the jobs it holds."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[WorkerInfo]:
+        """Every loop that reported itself recently enough to be listed."""
+
+    @abc.abstractmethod
+    def release_worker(self, worker_id: str) -> int:
+        """Forget a loop and put the jobs it held back in the queue; returns how many."""
+
+    # -- maintenance ----------------------------------------------------------
+    @abc.abstractmethod
+    def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
+        """Requeue jobs of lapsed leases or silent workers, expire old results and workers."""
+
+    # -- webhook outbox -------------------------------------------------------
+    @abc.abstractmethod
+    def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
+        """Lease due webhook deliveries so only one sender tries each at a time."""
+
+    @abc.abstractmethod
+    def webhook_delivered(self, job_id: str) -> None:
+        """Remove a delivered (or abandoned) webhook from the outbox."""
+
+    @abc.abstractmethod
+    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
+        """Count a failed attempt and schedule the next one."""
+
+    # -- lifecycle ------------------------------------------------------------
+    def listen_for_jobs(self, stage: int) -> None:
+        """Prepare to receive rings for ``stage`` (a loop calls this before claiming)."""
+
+    def listen_for_results(self) -> None:
+        """Prepare to receive result rings (an API server calls this at start-up)."""
+
+    def close(self) -> None:
+        """Release connections and doorbell sockets."""
+
+
+def open_store(broker: str, state_dir: "str | None" = None) -> Store:
+    """The store the settings ask for: Redis when a broker URL is given, else SQLite."""
+    from pathlib import Path
+
+    if broker:
+        if not broker.startswith(("redis://", "rediss://", "unix://")):
+            from fastdeploy.errors import SettingsError
+
+            raise SettingsError(f"--broker must be a redis:// URL, got {broker!r}")
+        from fastdeploy.store.redis import RedisStore
+
+        return RedisStore(broker)
+    from fastdeploy.store.sqlite import SQLiteStore
+
+    assert state_dir is not None
+    return SQLiteStore(Path(state_dir))

@@ -1,0 +1,112 @@
+"""Doorbells between processes on one host: Unix datagram sockets in one folder.
+
+A reader binds ``<role>-<pid>.sock``; a writer sends a datagram to every socket of that
+role. Rings are hints: a full buffer or a dead reader drops the ring, and readers fall
+back to a short poll, so nothing depends on a ring arriving.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import select
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+_MAX_PATH = 100  # sun_path is 108 bytes on Linux
+_REFRESH_SECONDS = 0.5
+_MAX_DATAGRAM = 60_000
+
+
+def bell_folder(state_dir: Path) -> Path:
+    """A folder for the sockets, short enough for sun_path (a temp folder when the state path is deep)."""
+    folder = state_dir / "bells"
+    if len(str(folder)) + 40 > _MAX_PATH:
+        digest = hashlib.sha1(str(state_dir.resolve()).encode()).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir()) / f"fastdeploy-bells-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Bell:
+    """Sends rings to every reader of a role, and receives the rings of its own role."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sender.setblocking(False)
+        self._receiver: Optional[socket.socket] = None
+        self._own_path: Optional[Path] = None
+        self._targets: dict[str, tuple[float, list[str]]] = {}
+
+    def listen(self, role: str) -> None:
+        path = self._folder / f"{role}-{os.getpid()}.sock"
+        if path.exists():
+            path.unlink()
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(path))
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        receiver.setblocking(False)
+        self._receiver, self._own_path = receiver, path
+
+    def _readers(self, role: str) -> list[str]:
+        now = time.monotonic()
+        cached = self._targets.get(role)
+        if cached is not None and now - cached[0] < _REFRESH_SECONDS:
+            return cached[1]
+        prefix = role + "-"
+        try:
+            names = [str(self._folder / n) for n in os.listdir(self._folder) if n.startswith(prefix) and n.endswith(".sock")]
+        except FileNotFoundError:
+            names = []
+        self._targets[role] = (now, names)
+        return names
+
+    def ring(self, role: str, message: bytes = b"") -> None:
+        chunks = [message[i : i + _MAX_DATAGRAM] for i in range(0, len(message), _MAX_DATAGRAM)] or [b""]
+        for path in self._readers(role):
+            for chunk in chunks:
+                try:
+                    self._sender.sendto(chunk, path)
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                        self._forget(role, path)
+                    break  # EAGAIN (reader busy) and the rest: the reader's poll covers it
+
+    def _forget(self, role: str, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        self._targets.pop(role, None)
+
+    def wait(self, timeout: float) -> list[bytes]:
+        """Wait up to ``timeout`` for rings; return every message already waiting."""
+        if self._receiver is None:
+            time.sleep(timeout)
+            return []
+        ready, _, _ = select.select([self._receiver], [], [], max(timeout, 0.0))
+        messages: list[bytes] = []
+        if not ready:
+            return messages
+        while True:
+            try:
+                messages.append(self._receiver.recv(_MAX_DATAGRAM + 1024))
+            except BlockingIOError:
+                return messages
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.close()
+            self._receiver = None
+        if self._own_path is not None:
+            try:
+                self._own_path.unlink()
+            except OSError:
+                pass
+            self._own_path = None
+        self._sender.close()

@@ -1,0 +1,360 @@
+"""The embedded store: one SQLite file (WAL) in the state folder, doorbells on Unix sockets.
+
+Needs no other service. Every process opens its own connection; writes that must be
+atomic (claiming, finishing) run in ``BEGIN IMMEDIATE`` transactions. ``synchronous=NORMAL``
+keeps every committed job across a crash of any fastDeploy process (not across a power
+cut of the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from fastdeploy.errors import StoreUnavailable
+from fastdeploy.jobs import (
+    TIMED_OUT_REASON,
+    ClaimedJob,
+    JobStatus,
+    JobView,
+    NewJob,
+    Outcome,
+    WorkerInfo,
+    result_document,
+)
+from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
+from fastdeploy.store.bells import Bell, bell_folder
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    stage INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    payload BLOB,
+    n_items INTEGER NOT NULL,
+    deadline REAL,
+    webhook TEXT,
+    worker TEXT,
+    lease_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    reason TEXT,
+    error_status INTEGER,
+    created REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(stage, priority, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(worker) WHERE status = 'processing';
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    stage INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    batch_size INTEGER NOT NULL,
+    ready INTEGER NOT NULL,
+    seen REAL NOT NULL,
+    stats TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    job_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    lease_until REAL
+);
+"""
+
+_API_ROLE = "api"
+
+
+def _stage_role(stage: int) -> str:
+    return f"stage{stage}"
+
+
+class SQLiteStore(Store):
+    """Jobs in one SQLite file; safe to use from several threads of one process."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "jobs.sqlite3"
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+        self._lock = threading.RLock()
+        self._bell = Bell(bell_folder(state_dir))
+        self._rings: list[tuple[str, bytes]] = []  # sent once the transaction that caused them commits
+
+    # -- plumbing -------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._rings.clear()
+                raise
+            self._db.execute("COMMIT")
+            rings, self._rings = self._rings, []
+        for role, message in rings:
+            self._bell.ring(role, message)
+
+    def _ring_after_commit(self, role: str, message: bytes = b"") -> None:
+        self._rings.append((role, message))
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def listen_for_jobs(self, stage: int) -> None:
+        self._bell.listen(_stage_role(stage))
+
+    def listen_for_results(self) -> None:
+        self._bell.listen(_API_ROLE)
+
+    def close(self) -> None:
+        self._bell.close()
+        with self._lock:
+            self._db.close()
+
+    # -- API side -------------------------------------------------------------
+    def submit(self, jobs: Sequence[NewJob]) -> None:
+        if not jobs:
+            return
+        now = time.time()
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, created)"
+                " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?)",
+                [(j.id, j.priority, j.payload, j.n_items, j.deadline, j.webhook, now) for j in jobs],
+            )
+            self._ring_after_commit(_stage_role(0))
+
+    def get(self, ids: Sequence[str]) -> dict[str, JobView]:
+        views: dict[str, JobView] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            for job_id, status, result, reason, error_status in self._read(
+                f"SELECT id, status, result, reason, error_status FROM jobs WHERE id IN ({marks})", chunk
+            ):
+                views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500)
+        return views
+
+    def unfinished(self) -> int:
+        (count,) = self._read("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')")[0]
+        return int(count)
+
+    def queue_depths(self, stages: int) -> list[int]:
+        depths = [0] * stages
+        for stage, count in self._read("SELECT stage, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY stage"):
+            if 0 <= stage < stages:
+                depths[stage] = count
+        return depths
+
+    def wait_for_results(self, timeout: float) -> list[str]:
+        ids: list[str] = []
+        for message in self._bell.wait(timeout):
+            ids.extend(part.decode() for part in message.split(b"\n") if part)
+        return ids
+
+    # -- loop side ------------------------------------------------------------
+    def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
+        now = time.time()
+        claimed: list[ClaimedJob] = []
+        timed_out: list[str] = []
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
+                " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
+                (stage, max(1, max_items)),
+            ).fetchall()
+            items = 0
+            taken: list[int] = []
+            for seq, job_id, payload, n_items, deadline, webhook in rows:
+                if deadline is not None and deadline < now:
+                    self._fail_locked(db, job_id, stage, TIMED_OUT_REASON, 504, webhook, now)
+                    timed_out.append(job_id)
+                    continue
+                if claimed and items + n_items > max_items:
+                    break
+                claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
+                taken.append(seq)
+                items += n_items
+            if taken:
+                marks = ",".join("?" * len(taken))
+                db.execute(
+                    f"UPDATE jobs SET status = 'processing', worker = ?, lease_until = ? WHERE seq IN ({marks})",
+                    (worker_id, now + lease_seconds, *taken),
+                )
+            if timed_out:
+                self._ring_after_commit(_API_ROLE, "\n".join(timed_out).encode())
+        return claimed
+
+    def _fail_locked(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        stage: int,
+        reason: str,
+        error_status: int,
+        webhook: Optional[str],
+        now: float,
+    ) -> None:
+        db.execute(
+            "UPDATE jobs SET status = 'failed', reason = ?, error_status = ?, payload = NULL, worker = NULL,"
+            " finished = ? WHERE id = ? AND stage = ?",
+            (reason, error_status, now, job_id, stage),
+        )
+        if webhook:
+            self._queue_webhook(db, job_id, webhook, result_document(job_id, JobStatus.FAILED, None, reason), now)
+
+    @staticmethod
+    def _queue_webhook(db: sqlite3.Connection, job_id: str, url: str, body: bytes, now: float) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO webhooks (job_id, url, body, attempts, next_at) VALUES (?, ?, ?, 0, ?)",
+            (job_id, url, body, now),
+        )
+
+    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
+        now = time.time()
+        finished: list[str] = []
+        next_stages: set[int] = set()
+        live = "status IN ('processing', 'queued')"
+        with self._write() as db:
+            for out in outcomes:
+                if out.payload is not None:
+                    cursor = db.execute(
+                        "UPDATE jobs SET stage = ?, status = 'queued', payload = ?, n_items = ?, worker = NULL,"
+                        f" lease_until = NULL WHERE id = ? AND stage = ? AND {live}",
+                        (out.stage + 1, out.payload, out.n_items, out.id, out.stage),
+                    )
+                    if cursor.rowcount:
+                        next_stages.add(out.stage + 1)
+                    continue
+                row = db.execute(
+                    f"SELECT webhook FROM jobs WHERE id = ? AND stage = ? AND {live}", (out.id, out.stage)
+                ).fetchone()
+                if row is None:
+                    continue  # already finished elsewhere: deliver once
+                if out.result is not None:
+                    db.execute(
+                        "UPDATE jobs SET status = 'done', result = ?, payload = NULL, worker = NULL, finished = ?"
+                        " WHERE id = ?",
+                        (out.result, now, out.id),
+                    )
+                    if row[0]:
+                        body = result_document(out.id, JobStatus.DONE, out.result, None)
+                        self._queue_webhook(db, out.id, row[0], body, now)
+                else:
+                    self._fail_locked(db, out.id, out.stage, out.reason or "failed", out.error_status, row[0], now)
+                finished.append(out.id)
+            for stage in next_stages:
+                self._ring_after_commit(_stage_role(stage))
+            if finished:
+                self._ring_after_commit(_API_ROLE, "\n".join(finished).encode())
+
+    def wait_for_jobs(self, stage: int, timeout: float) -> None:
+        self._bell.wait(timeout)
+
+    # -- workers --------------------------------------------------------------
+    def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO workers (worker_id, stage, host, pid, batch_size, ready, seen, stats)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.worker_id, info.stage, info.host, info.pid, info.batch_size, int(info.ready), info.seen,
+                 json.dumps(info.stats)),
+            )
+            db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE worker = ? AND status = 'processing'",
+                (info.seen + lease_seconds, info.worker_id),
+            )
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._read("SELECT worker_id, stage, host, pid, batch_size, ready, seen, stats FROM workers")
+        return [
+            WorkerInfo(wid, stage, host, pid, bs, bool(ready), seen, json.loads(stats))
+            for wid, stage, host, pid, bs, ready, seen, stats in rows
+        ]
+
+    def release_worker(self, worker_id: str) -> int:
+        with self._write() as db:
+            db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+            return self._requeue_locked(db, "worker = ?", (worker_id,))
+
+    def _requeue_locked(self, db: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
+        """Put leased jobs back in the queue; a job that has killed MAX_ATTEMPTS loops fails instead."""
+        now = time.time()
+        rows = db.execute(
+            f"SELECT id, stage, attempts, webhook FROM jobs WHERE status = 'processing' AND {where}", params
+        ).fetchall()
+        failed, stages = [], set()
+        for job_id, stage, attempts, webhook in rows:
+            if attempts + 1 >= MAX_ATTEMPTS:
+                self._fail_locked(db, job_id, stage, POISON_REASON.format(n=attempts + 1), 500, webhook, now)
+                failed.append(job_id)
+            else:
+                db.execute(
+                    "UPDATE jobs SET status = 'queued', worker = NULL, lease_until = NULL, attempts = attempts + 1"
+                    " WHERE id = ?",
+                    (job_id,),
+                )
+                stages.add(stage)
+        for stage in stages:
+            self._ring_after_commit(_stage_role(stage))
+        if failed:
+            self._ring_after_commit(_API_ROLE, "\n".join(failed).encode())
+        return len(rows)
+
+    # -- maintenance ----------------------------------------------------------
+    def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
+        with self._write() as db:
+            dead = [r[0] for r in db.execute("SELECT worker_id FROM workers WHERE seen < ?", (now - worker_timeout,))]
+            for worker_id in dead:
+                db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+                self._requeue_locked(db, "worker = ?", (worker_id,))
+            self._requeue_locked(db, "lease_until < ?", (now,))
+            db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - result_ttl,))
+
+    # -- webhook outbox -------------------------------------------------------
+    def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
+        now = time.time()
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT job_id, url, body, attempts FROM webhooks"
+                " WHERE next_at <= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE webhooks SET lease_until = ? WHERE job_id = ?", [(now + lease_seconds, r[0]) for r in rows]
+            )
+        return [WebhookDelivery(job_id, url, body, attempts) for job_id, url, body, attempts in rows]
+
+    def webhook_delivered(self, job_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM webhooks WHERE job_id = ?", (job_id,))
+
+    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE webhooks SET attempts = attempts + 1, next_at = ?, lease_until = NULL WHERE job_id = ?",
+                (next_attempt_at, job_id),
+            )

@@ -1,0 +1,226 @@
+"""Start, watch and stop the processes of one fastDeploy service.
+
+The supervisor binds the port once and hands the socket to each API server process,
+starts one prediction loop per stage replica, restarts a loop that dies (its leased
+jobs go straight back to the queue), and on SIGINT/SIGTERM stops the API servers first
+(they answer the /sync requests in flight while the loops still run), then the loops.
+Children run in their own session so a terminal's Ctrl-C reaches only the supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from fastdeploy.recipe import Recipe
+from fastdeploy.settings import Settings
+from fastdeploy.store.base import Store, open_store
+
+log = logging.getLogger(__name__)
+
+WATCH_SECONDS = 0.2
+LOOP_STOP_SECONDS = 30.0
+MAX_RESTART_DELAY = 30.0
+
+
+@dataclass
+class Child:
+    """One supervised process and how to start it again."""
+
+    role: str  # "api" or "loop"
+    stage: Optional[int] = None
+    worker_id: Optional[str] = None
+    proc: Optional[subprocess.Popen[bytes]] = None
+    failures: int = 0
+    restart_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def new_worker_id(stage: int) -> str:
+    return f"{socket.gethostname()}-s{stage}-{uuid.uuid4().hex[:8]}"
+
+
+class Supervisor:
+    """Runs API servers and/or prediction loops for one recipe until told to stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        recipe: Recipe,
+        *,
+        serve_api: bool,
+        run_loops: bool,
+        stages: Optional[Sequence[int]] = None,
+    ) -> None:
+        self.settings = settings
+        self.recipe = recipe
+        self.serve_api = serve_api
+        self.run_loops = run_loops
+        self.stages = list(range(recipe.stages)) if stages is None else list(stages)
+        self.children: list[Child] = []
+        self._stop = threading.Event()
+        self._listener: Optional[socket.socket] = None
+        self._store: Optional[Store] = None
+        self._announced_ready = False
+
+    # -- public ---------------------------------------------------------------
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request_stop)
+        self._store = open_store(self.settings.broker, str(self.settings.state_path))
+        try:
+            if self.run_loops and not self.settings.broker:
+                self._release_previous_workers()
+            if self.serve_api:
+                self._bind()
+            self._start_children()
+            while not self._stop.wait(WATCH_SECONDS):
+                self._watch()
+            self._shutdown()
+        finally:
+            if self._listener is not None:
+                self._listener.close()
+            self._store.close()
+        return 0
+
+    @property
+    def port(self) -> int:
+        return self._listener.getsockname()[1] if self._listener is not None else self.settings.port
+
+    # -- start ----------------------------------------------------------------
+    def _release_previous_workers(self) -> None:
+        """Embedded store: loops of an earlier run of this state folder are gone; requeue their jobs."""
+        assert self._store is not None
+        for worker in self._store.workers():
+            count = self._store.release_worker(worker.worker_id)
+            if count:
+                log.info("requeued %d job(s) held by %s before the restart", count, worker.worker_id)
+
+    def _bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.settings.host, self.settings.port))
+        listener.listen(4096)
+        listener.set_inheritable(True)
+        self._listener = listener
+        log.info("fastDeploy: serving %r on http://%s:%d", self.recipe.name, self.settings.host, self.port)
+
+    def _start_children(self) -> None:
+        if self.run_loops:
+            for stage in self.stages:
+                for _ in range(self.settings.replicas):
+                    self.children.append(Child("loop", stage=stage))
+        if self.serve_api:
+            for _ in range(self.settings.workers):
+                self.children.append(Child("api"))
+        for child in self.children:
+            self._spawn(child)
+
+    def _command(self, child: Child) -> list[str]:
+        base = [sys.executable, "-m", "fastdeploy"]
+        if child.role == "api":
+            assert self._listener is not None
+            return [*base, "_api", str(self.recipe.path), "--fd", str(self._listener.fileno())]
+        return [*base, "_loop", str(self.recipe.path), "--stage", str(child.stage), "--worker-id", str(child.worker_id)]
+
+    def _spawn(self, child: Child) -> None:
+        env = {**os.environ, **self.settings.to_env(), "FASTDEPLOY_SUPERVISED": "1"}
+        if child.role == "loop":
+            assert child.stage is not None
+            child.worker_id = new_worker_id(child.stage)
+        fds = (self._listener.fileno(),) if child.role == "api" and self._listener is not None else ()
+        child.proc = subprocess.Popen(
+            self._command(child), env=env, cwd=str(self.recipe.path), pass_fds=fds, start_new_session=True
+        )
+        child.started_at = time.monotonic()
+        log.debug("started %s (pid %d)", child.role, child.proc.pid)
+
+    # -- watch ----------------------------------------------------------------
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            assert child.proc is not None
+            code = child.proc.poll()
+            if code is None:
+                if now - child.started_at > 60:
+                    child.failures = 0
+                continue
+            if child.restart_at == 0.0:
+                self._on_death(child, code)
+            if now >= child.restart_at:
+                child.restart_at = 0.0
+                self._spawn(child)
+        if not self._announced_ready and self.run_loops:
+            self._announce_ready()
+
+    def _on_death(self, child: Child, code: int) -> None:
+        delay = min(MAX_RESTART_DELAY, 0.5 * (2**child.failures))
+        child.failures += 1
+        child.restart_at = time.monotonic() + delay
+        if child.role == "loop" and child.worker_id is not None and self._store is not None:
+            try:
+                requeued = self._store.release_worker(child.worker_id)
+            except Exception as exc:  # store down: the lease runs out instead
+                log.warning("could not requeue jobs of %s: %s", child.worker_id, exc)
+                requeued = 0
+            log.error(
+                "prediction loop for stage %s exited with code %s; %d job(s) requeued; restarting in %.1f s",
+                child.stage, code, requeued, delay,
+            )
+        else:
+            log.error("API server exited with code %s; restarting in %.1f s", code, delay)
+
+    def _announce_ready(self) -> None:
+        assert self._store is not None
+        try:
+            workers = self._store.workers()
+        except Exception:  # not essential; try on the next tick
+            return
+        ready = {w.stage for w in workers if w.ready and any(c.worker_id == w.worker_id for c in self.children)}
+        if all(stage in ready for stage in self.stages):
+            self._announced_ready = True
+            sizes = {w.stage: w.batch_size for w in workers if w.ready}
+            log.info("fastDeploy: ready (batch sizes by stage: %s)", sizes)
+
+    # -- stop -----------------------------------------------------------------
+    def _shutdown(self) -> None:
+        log.info("fastDeploy: stopping")
+        apis = [c for c in self.children if c.role == "api"]
+        loops = [c for c in self.children if c.role == "loop"]
+        self._stop_group(apis, self.settings.timeout + 10.0)
+        self._stop_group(loops, LOOP_STOP_SECONDS)
+        if self._store is not None:
+            for child in loops:
+                if child.worker_id is not None:
+                    try:
+                        self._store.release_worker(child.worker_id)
+                    except Exception as exc:  # the store may be gone already
+                        log.warning("could not release %s: %s", child.worker_id, exc)
+
+    @staticmethod
+    def _stop_group(children: Sequence[Child], grace: float) -> None:
+        """Ask (SIGTERM), wait up to ``grace`` seconds, then tell (SIGKILL)."""
+        running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in %.0f s; killing it", proc.pid, grace)
+                proc.kill()
+                proc.wait()

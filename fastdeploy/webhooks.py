@@ -1,0 +1,92 @@
+"""Webhook delivery from the store's outbox: retried with growing delays, never raising.
+
+Each API server runs one sender. Deliveries are leased from the store, so with several
+servers each webhook is POSTed by one of them at a time; a receiver that never answers
+only occupies one of a bounded number of concurrent slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Optional
+
+import httpx
+
+from fastdeploy.settings import Settings
+from fastdeploy.store.base import Store, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+StoreCall = Callable[..., Awaitable[Any]]
+
+POLL_SECONDS = 0.2
+CONCURRENCY = 32
+
+
+def next_delay(settings: Settings, attempts_so_far: int) -> float:
+    """Seconds before the next try: the base delay doubling with each failed attempt."""
+    return settings.webhook_backoff * (2**attempts_so_far)
+
+
+class WebhookSender:
+    """Polls the outbox and POSTs due webhooks concurrently."""
+
+    def __init__(self, settings: Settings, store: Store, call: StoreCall) -> None:
+        self.settings = settings
+        self.store = store
+        self._call = call
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._client: Optional[httpx.AsyncClient] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False)
+        lease = self.settings.webhook_timeout + 5.0
+        try:
+            while True:
+                free = CONCURRENCY - len(self._tasks)
+                deliveries: list[WebhookDelivery] = []
+                if free > 0:
+                    try:
+                        deliveries = await self._call(self.store.claim_webhooks, free, lease)
+                    except Exception as exc:  # store down: try again shortly
+                        log.warning("webhook outbox unavailable: %s", exc)
+                for delivery in deliveries:
+                    task = asyncio.create_task(self._deliver(delivery))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                await asyncio.sleep(POLL_SECONDS)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await self._client.aclose()
+
+    async def _deliver(self, delivery: WebhookDelivery) -> None:
+        assert self._client is not None
+        error = ""
+        try:
+            response = await self._client.post(
+                delivery.url, content=delivery.body, headers={"Content-Type": "application/json"}
+            )
+            if 200 <= response.status_code < 300:
+                await self._call(self.store.webhook_delivered, delivery.job_id)
+                return
+            error = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # never let one webhook break the sender
+            error = f"{type(exc).__name__}: {exc}"
+        attempts = delivery.attempts + 1
+        try:
+            if attempts >= self.settings.webhook_attempts:
+                log.warning("webhook for %s to %s abandoned after %d attempts: %s", delivery.job_id, delivery.url, attempts, error)
+                await self._call(self.store.webhook_delivered, delivery.job_id)
+            else:
+                delay = next_delay(self.settings, delivery.attempts)
+                log.info("webhook for %s failed (%s); retry %d in %.1f s", delivery.job_id, error, attempts, delay)
+                await self._call(self.store.webhook_retry, delivery.job_id, time.time() + delay)
+        except Exception as exc:  # the lease runs out and another try happens later
+            log.warning("could not record webhook attempt for %s: %s", delivery.job_id, exc)
