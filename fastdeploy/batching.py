@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 # Keep doubling while the time per input falls by at least this fraction.
 MIN_GAIN = 0.10
-# Stop searching once one call takes longer than this (seconds); bigger batches only add latency.
+# Stop growing the batch once one call takes longer than this (seconds): bigger ones only add latency.
 MAX_CALL_SECONDS = 2.0
 
 
@@ -36,12 +36,14 @@ def search_batch_size(
     ``measure(n)`` returns the seconds one predictor call on ``n`` inputs takes.
     """
     trials: list[tuple[int, float]] = []
-    best_size, best_per_item = 1, measure(1)
+    last_call = measure(1)
+    best_size, best_per_item = 1, last_call
     trials.append((1, best_per_item))
     size = 1
-    while size * 2 <= max_batch_size and best_per_item * size < max_call_seconds:
+    while size * 2 <= max_batch_size and last_call < max_call_seconds:
         size *= 2
-        per_item = measure(size) / size
+        last_call = measure(size)
+        per_item = last_call / size
         trials.append((size, per_item))
         if per_item > best_per_item * (1.0 - min_gain):
             if per_item < best_per_item:

@@ -49,13 +49,5 @@ class Unavailable(FastDeployError):
         super().__init__(reason, retry_after=retry_after)
 
 
-class TimedOut(FastDeployError):
-    status = 504
-
-
-class PredictionFailed(FastDeployError):
-    status = 500
-
-
 class StoreUnavailable(Unavailable):
     """The store (SQLite file or Redis) cannot be reached right now."""

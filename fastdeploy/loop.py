@@ -282,11 +282,11 @@ class PredictionLoop:
                 self._outcome(job, results[spans[i][0] : spans[i][0] + spans[i][1]], keys[i], failures.get(i))
                 for i, job in enumerate(jobs)
             ]
-            self.stats.failed_jobs += len(failures)
-            self.store.finish(outcomes, self.worker_id)
         finally:
-            for folder in folders:
+            for folder in folders:  # before the answer goes out: files never outlive their request
                 shutil.rmtree(folder, ignore_errors=True)
+        self.stats.failed_jobs += len(failures)
+        self.store.finish(outcomes, self.worker_id)
 
     @staticmethod
     def _write_files(folder: Path, files: list[Any]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import orjson
 
-from fastdeploy.errors import FastDeployError, NotFound, StoreUnavailable, TimedOut, Unavailable
+from fastdeploy.errors import FastDeployError, StoreUnavailable, Unavailable
 from fastdeploy.jobs import JobStatus, JobView, NewJob, WorkerInfo, encode_inputs, new_job_id, result_document
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
@@ -198,10 +198,8 @@ class Service:
             try:
                 view = await asyncio.wait_for(waiter, timeout)
             except asyncio.TimeoutError:
-                raise TimedOut(
-                    f"no prediction within TIMEOUT={timeout:g} s; the request was dropped "
-                    f"(unique_id {job.id}); use /async for long jobs"
-                ) from None
+                reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
+                return Answer(504, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
         finally:
             self._waiters.pop(job.id, None)
         if view.status is JobStatus.DONE:
@@ -214,7 +212,9 @@ class Service:
         views = await self.bridge.call(self.store.get, [unique_id])
         view = views.get(unique_id)
         if view is None:
-            raise NotFound(f"unique_id {unique_id!r} is unknown or its result has expired")
+            reason = f"unique_id {unique_id!r} is unknown or its result has expired"
+            body = {"unique_id": unique_id, "status": "not_found", "success": False, "reason": reason}
+            return Answer(404, orjson.dumps(body))
         return Answer(200, result_document(view.id, view.status, view.result, view.reason))
 
     # -- results listener (its own thread) -------------------------------------

@@ -1,0 +1,2 @@
+name = "two-stage chain"
+example = [1, 2, 3]

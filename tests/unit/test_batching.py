@@ -1,0 +1,34 @@
+from fastdeploy.batching import cycle_to, fill_wait_seconds, search_batch_size
+
+
+def test_search_doubles_while_time_per_input_falls():
+    # 10 ms fixed cost + 1 ms per input: per-input time keeps falling, gains shrink
+    choice = search_batch_size(lambda n: 0.010 + 0.001 * n, 256)
+    assert choice.batch_size in (64, 128)
+    assert [size for size, _ in choice.trials][:4] == [1, 2, 4, 8]
+
+
+def test_search_stops_when_batching_does_not_pay():
+    choice = search_batch_size(lambda n: 0.005 * n, 256)  # no fixed cost: batching gains nothing
+    assert choice.batch_size <= 2
+    assert len(choice.trials) == 2
+
+
+def test_search_respects_the_cap_and_the_call_time_limit():
+    assert search_batch_size(lambda n: 1e-6, 16).batch_size == 16
+    slow = search_batch_size(lambda n: 1.0 + 0.1 * n, 1024, max_call_seconds=2.0)
+    assert max(size for size, _ in slow.trials) == 16  # the first call over 2 s ends the search
+
+
+def test_no_wait_when_idle_or_full():
+    assert fill_wait_seconds(1, 32, 0.001, 0.5, busy=False) == 0.0
+    assert fill_wait_seconds(32, 32, 0.001, 0.5, busy=True) == 0.0
+    assert fill_wait_seconds(8, 32, 0.001, 0.0, busy=True) == 0.0
+
+
+def test_wait_under_load_scales_with_missing_inputs():
+    assert abs(fill_wait_seconds(8, 32, 0.001, 0.5, busy=True) - 0.012) < 1e-9
+
+
+def test_cycle_to_repeats_the_example():
+    assert cycle_to([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]

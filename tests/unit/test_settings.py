@@ -1,0 +1,47 @@
+import pytest
+
+from fastdeploy.errors import SettingsError
+from fastdeploy.settings import OPTIONS, Settings, load_settings
+
+
+def test_defaults(tmp_path):
+    s = load_settings(tmp_path, environ={})
+    assert (s.port, s.timeout, s.batch_size, s.max_per_client_batch, s.only_async) == (8080, 480.0, 0, 0, False)
+    assert s.state_path == tmp_path.resolve() / ".fastdeploy"
+
+
+def test_original_environment_names_keep_working(tmp_path):
+    env = {"TIMEOUT": "5", "MAX_PER_CLIENT_BATCH": "7", "ONLY_ASYNC": "true", "BATCH_SIZE": "4",
+           "MAX_WAIT": "0.25", "WORKERS": "2", "PORT": "9000"}
+    s = load_settings(tmp_path, environ=env)
+    assert (s.timeout, s.max_per_client_batch, s.only_async, s.batch_size, s.max_wait, s.workers, s.port) == (
+        5.0, 7, True, 4, 0.25, 2, 9000)
+
+
+def test_flag_beats_new_name_beats_original_name(tmp_path):
+    env = {"TIMEOUT": "5", "FASTDEPLOY_TIMEOUT": "6"}
+    assert load_settings(tmp_path, environ=env).timeout == 6.0
+    assert load_settings(tmp_path, {"timeout": "7"}, environ=env).timeout == 7.0
+
+
+@pytest.mark.parametrize("env, word", [({"PORT": "http"}, "PORT"), ({"FASTDEPLOY_TIMEOUT": "-1"}, "FASTDEPLOY_TIMEOUT"),
+                                       ({"ONLY_ASYNC": "maybe"}, "ONLY_ASYNC"), ({"FASTDEPLOY_LOG_LEVEL": "loud"}, "log level")])
+def test_invalid_values_name_the_setting(tmp_path, env, word):
+    with pytest.raises(SettingsError) as info:
+        load_settings(tmp_path, environ=env)
+    assert word in info.value.reason
+
+
+def test_unknown_flag_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="unknown"):
+        load_settings(tmp_path, {"nope": 1}, environ={})
+
+
+def test_child_environment_round_trips(tmp_path):
+    s = load_settings(tmp_path, {"timeout": "3", "only_async": "yes", "webhook_hosts": "a.example"}, environ={})
+    assert load_settings(tmp_path, environ=s.to_env()) == s
+
+
+def test_every_option_is_a_settings_field():
+    fields = set(Settings.__dataclass_fields__)
+    assert {o.name for o in OPTIONS} == fields - {"recipe_dir"}
