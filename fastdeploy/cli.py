@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from typing import Any, Optional, Sequence
 
@@ -111,7 +112,6 @@ def _run_api(settings: Settings, recipe: Any, fd: int) -> int:
 
     config = uvicorn.Config(
         create_app(settings, recipe),
-        fd=fd,
         loop="auto",
         http="auto",
         lifespan="on",
@@ -120,7 +120,10 @@ def _run_api(settings: Settings, recipe: Any, fd: int) -> int:
         timeout_graceful_shutdown=int(settings.timeout) + 5,
         backlog=4096,
     )
-    uvicorn.Server(config).run()
+    # socket(fileno=) keeps the inherited socket's real family (uvicorn's own fd= option
+    # assumes a Unix socket, which leaves Nagle on for TCP and costs 40 ms per keep-alive answer)
+    listener = socket.socket(fileno=fd)
+    uvicorn.Server(config).run(sockets=[listener])
     return 0
 
 
