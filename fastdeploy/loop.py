@@ -148,7 +148,10 @@ class PredictionLoop:
         finally:
             self._stop.set()
             heartbeat.join(timeout=5)
-            self.store.release_worker(self.worker_id)
+            try:
+                self.store.release_worker(self.worker_id)
+            except FastDeployError as exc:  # the store is down: the leases requeue the jobs instead
+                log.warning("could not release this loop's jobs: %s", exc.reason)
 
     def _load(self) -> None:
         loops_here = max(1, self.settings.replicas * self.recipe.stages)
@@ -241,7 +244,10 @@ class PredictionLoop:
         deadline = time.monotonic() + wait
         while have < self.batch_size and (remaining := deadline - time.monotonic()) > 0:
             self.store.wait_for_jobs(self.stage, remaining)
-            more = self.store.claim(self.stage, self.batch_size - have, self.worker_id, self.settings.lease_seconds)
+            try:
+                more = self.store.claim(self.stage, self.batch_size - have, self.worker_id, self.settings.lease_seconds)
+            except FastDeployError:  # the store is down: predict what we hold
+                break
             if more and have + sum(j.n_items for j in more) > self.batch_size and len(more) == 1:
                 jobs.extend(more)  # an oversized request is split below; take it rather than bounce it
                 break
@@ -286,7 +292,23 @@ class PredictionLoop:
             for folder in folders:  # before the answer goes out: files never outlive their request
                 shutil.rmtree(folder, ignore_errors=True)
         self.stats.failed_jobs += len(failures)
-        self.store.finish(outcomes, self.worker_id)
+        self._record(outcomes)
+
+    def _record(self, outcomes: Sequence[Outcome]) -> None:
+        """Store the outcomes, retrying while the store is down; once stopping, one last try, then the leases decide."""
+        delay = 0.5
+        while True:
+            try:
+                self.store.finish(outcomes, self.worker_id)
+                return
+            except FastDeployError as exc:
+                if self._stop.is_set():
+                    log.error("could not record %d outcome(s) before stopping (%s); they will be predicted again",
+                              len(outcomes), exc.reason)
+                    return
+                log.warning("cannot record %d outcome(s) (retrying): %s", len(outcomes), exc.reason)
+            self._stop.wait(delay)
+            delay = min(2 * delay, 5.0)
 
     @staticmethod
     def _write_files(folder: Path, files: list[Any]) -> list[str]:

@@ -42,25 +42,45 @@ class Answer:
 
 
 class StoreBridge:
-    """Runs blocking store calls on one thread and batches submissions into one transaction."""
+    """Runs blocking store calls on one thread and batches submissions into one transaction.
+
+    When nothing is queued for that thread and the store can write without waiting
+    (SQLite with no other writer active), a submission is written right away on the
+    event loop instead: a lone request skips two thread hops.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._pending: list[tuple[NewJob, asyncio.Future[None]]] = []
         self._flush_scheduled = False
+        self._in_thread = 0  # calls queued or running on the store thread
         self._lock = threading.Lock()
 
+    @property
+    def idle(self) -> bool:
+        return self._in_thread == 0
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        with self._lock:
+            self._in_thread += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            with self._lock:
+                self._in_thread -= 1
 
     async def submit(self, job: NewJob) -> None:
+        if self.idle and self.store.try_submit([job]):
+            return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             self._pending.append((job, future))
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
+            if schedule:
+                self._in_thread += 1
         if schedule:
             self._executor.submit(self._flush, loop)
         await future
@@ -69,6 +89,7 @@ class StoreBridge:
         with self._lock:
             batch, self._pending = self._pending, []
             self._flush_scheduled = False
+            self._in_thread -= 1
         if not batch:
             return
         error: Optional[BaseException] = None
@@ -106,6 +127,7 @@ class Service:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop = threading.Event()
         self._listener: Optional[threading.Thread] = None
+        self._poller: Optional[asyncio.Task[None]] = None
         self._depths: list[int] = [0] * recipe.stages
         self._workers: list[WorkerInfo] = []
         self._unfinished = 0
@@ -116,12 +138,22 @@ class Service:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.store.listen_for_results()
-        self._listener = threading.Thread(target=self._listen, name="results", daemon=True)
-        self._listener.start()
+        fileno = self.store.result_ring_fileno()
+        if fileno is not None:  # rings arrive on the event loop itself; a task polls as the fallback
+            self._loop.add_reader(fileno, self._on_ring)
+            self._poller = asyncio.create_task(self._poll_waiters())
+        else:
+            self._listener = threading.Thread(target=self._listen, name="results", daemon=True)
+            self._listener.start()
         await self.refresh()
 
     async def stop(self) -> None:
         self._stop.set()
+        fileno = self.store.result_ring_fileno()
+        if fileno is not None and self._loop is not None:
+            self._loop.remove_reader(fileno)
+        if self._poller is not None:
+            self._poller.cancel()
         if self._listener is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 2.0)
         self.bridge.close()
@@ -217,7 +249,29 @@ class Service:
             return Answer(404, orjson.dumps(body))
         return Answer(200, result_document(view.id, view.status, view.result, view.reason))
 
-    # -- results listener (its own thread) -------------------------------------
+    # -- results: rings on the event loop (local stores) -----------------------
+    def _on_ring(self) -> None:
+        try:
+            wanted = [i for i in self.store.take_result_rings() if i in self._waiters]
+            if wanted:
+                self._resolve([v for v in self.store.get(wanted).values() if v.status.finished])
+        except Exception as exc:  # the poll task covers whatever a failed read missed
+            log.warning("reading results after a ring failed: %s", exc)
+
+    async def _poll_waiters(self) -> None:
+        """The fallback for lost rings: look at every waiting job now and then."""
+        while True:
+            await asyncio.sleep(RESULT_POLL_SECONDS)
+            if not self._waiters:
+                continue
+            try:
+                views = await self.bridge.call(self.store.get, list(self._waiters))
+            except Exception as exc:  # store down: /sync waits until TIMEOUT, then 504
+                log.warning("polling results failed: %s", exc)
+                continue
+            self._resolve([v for v in views.values() if v.status.finished])
+
+    # -- results: rings on a thread (network stores) ---------------------------
     def _listen(self) -> None:
         last_poll = time.monotonic()
         while not self._stop.is_set():

@@ -109,6 +109,26 @@ class Store(abc.ABC):
     def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
         """Count a failed attempt and schedule the next one."""
 
+    # -- optional fast paths ---------------------------------------------------
+    def try_submit(self, jobs: Sequence[NewJob]) -> bool:
+        """Submit at once if that needs no waiting at all (no network, no lock held by
+        another writer); False means nothing was written and ``submit`` must be used.
+
+        Lets an API server write a lone request from its event loop without a thread hop.
+        """
+        return False
+
+    def result_ring_fileno(self) -> Optional[int]:
+        """A socket an event loop can watch for result rings, if the backend has one.
+
+        Without one, an API server waits in ``wait_for_results`` on a thread instead.
+        """
+        return None
+
+    def take_result_rings(self) -> list[str]:
+        """Ids from result rings already waiting, without blocking."""
+        return self.wait_for_results(0.0)
+
     # -- lifecycle ------------------------------------------------------------
     def listen_for_jobs(self, stage: int) -> None:
         """Prepare to receive rings for ``stage`` (a loop calls this before claiming)."""

@@ -99,6 +99,10 @@ class Bell:
             except BlockingIOError:
                 return messages
 
+    def fileno(self) -> Optional[int]:
+        """The receiving socket, for an event loop to watch (None before ``listen``)."""
+        return self._receiver.fileno() if self._receiver is not None else None
+
     def close(self) -> None:
         if self._receiver is not None:
             self._receiver.close()

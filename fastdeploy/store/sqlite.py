@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
 """
 
 _API_ROLE = "api"
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 
 
 def _stage_role(stage: int) -> str:
@@ -81,47 +82,66 @@ def _stage_role(stage: int) -> str:
 
 
 class SQLiteStore(Store):
-    """Jobs in one SQLite file; safe to use from several threads of one process."""
+    """Jobs in one SQLite file. Each thread gets its own connection; WAL lets readers run
+    beside the one writer, and ``BEGIN IMMEDIATE`` makes every write atomic."""
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "jobs.sqlite3"
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        db = self._connect(timeout=30.0)
         try:
-            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+            db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
-        self._lock = threading.RLock()
+        self._local.db = db
+        self._nowait: Optional[sqlite3.Connection] = None
         self._bell = Bell(bell_folder(state_dir))
-        self._rings: list[tuple[str, bytes]] = []  # sent once the transaction that caused them commits
 
     # -- plumbing -------------------------------------------------------------
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+        with self._connections_lock:
+            self._connections.append(db)
+        return db
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect(timeout=30.0)
+        return db
+
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                self._rings.clear()
-                raise
-            self._db.execute("COMMIT")
-            rings, self._rings = self._rings, []
-        for role, message in rings:
+    def _write(self, db: Optional[sqlite3.Connection] = None) -> Iterator[sqlite3.Connection]:
+        """One atomic write; rings queued inside it are sent after it commits."""
+        db = db or self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+        self._local.rings = []
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        for role, message in self._local.rings:
             self._bell.ring(role, message)
 
     def _ring_after_commit(self, role: str, message: bytes = b"") -> None:
-        self._rings.append((role, message))
+        self._local.rings.append((role, message))
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        return self._db().execute(sql, params).fetchall()
 
     def listen_for_jobs(self, stage: int) -> None:
         self._bell.listen(_stage_role(stage))
@@ -129,17 +149,37 @@ class SQLiteStore(Store):
     def listen_for_results(self) -> None:
         self._bell.listen(_API_ROLE)
 
+    def result_ring_fileno(self) -> Optional[int]:
+        return self._bell.fileno()
+
+    def try_submit(self, jobs: Sequence[NewJob]) -> bool:
+        """Write now if the file is free this instant; never wait for another writer."""
+        if self._nowait is None:
+            self._nowait = self._connect(timeout=0.0)
+        try:
+            self._insert(self._nowait, jobs)
+        except StoreUnavailable:
+            return False
+        except sqlite3.OperationalError:  # locked by another writer: the caller queues it instead
+            return False
+        return True
+
     def close(self) -> None:
         self._bell.close()
-        with self._lock:
-            self._db.close()
+        with self._connections_lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
 
     # -- API side -------------------------------------------------------------
     def submit(self, jobs: Sequence[NewJob]) -> None:
+        self._insert(self._db(), jobs)
+
+    def _insert(self, db: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
         if not jobs:
             return
         now = time.time()
-        with self._write() as db:
+        with self._write(db):
             db.executemany(
                 "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, created)"
                 " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?)",
@@ -180,30 +220,36 @@ class SQLiteStore(Store):
         now = time.time()
         claimed: list[ClaimedJob] = []
         timed_out: list[str] = []
+        limit = max(1, max_items)
         with self._write() as db:
-            rows = db.execute(
-                "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
-                " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
-                (stage, max(1, max_items)),
-            ).fetchall()
             items = 0
-            taken: list[int] = []
-            for seq, job_id, payload, n_items, deadline, webhook in rows:
-                if deadline is not None and deadline < now:
-                    self._fail_locked(db, job_id, stage, TIMED_OUT_REASON, 504, webhook, now)
-                    timed_out.append(job_id)
-                    continue
-                if claimed and items + n_items > max_items:
+            while True:  # another round only when every row read was claimed or timed out
+                rows = db.execute(
+                    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
+                    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
+                    (stage, limit),
+                ).fetchall()
+                taken: list[int] = []
+                full = False
+                for seq, job_id, payload, n_items, deadline, webhook in rows:
+                    if deadline is not None and deadline < now:
+                        self._fail_locked(db, job_id, stage, TIMED_OUT_REASON, 504, webhook, now)
+                        timed_out.append(job_id)
+                        continue
+                    if claimed and items + n_items > max_items:
+                        full = True
+                        break
+                    claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
+                    taken.append(seq)
+                    items += n_items
+                if taken:
+                    marks = ",".join("?" * len(taken))
+                    db.execute(
+                        f"UPDATE jobs SET status = 'processing', worker = ?, lease_until = ? WHERE seq IN ({marks})",
+                        (worker_id, now + lease_seconds, *taken),
+                    )
+                if full or len(rows) < limit:
                     break
-                claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
-                taken.append(seq)
-                items += n_items
-            if taken:
-                marks = ",".join("?" * len(taken))
-                db.execute(
-                    f"UPDATE jobs SET status = 'processing', worker = ?, lease_until = ? WHERE seq IN ({marks})",
-                    (worker_id, now + lease_seconds, *taken),
-                )
             if timed_out:
                 self._ring_after_commit(_API_ROLE, "\n".join(timed_out).encode())
         return claimed
