@@ -131,7 +131,7 @@ def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str) -> in
     from fastdeploy.loop import PredictionLoop
     from fastdeploy.store.base import open_store
 
-    store = open_store(settings.broker, str(settings.state_path))
+    store = open_store(settings.broker, settings.state_path)
     loop = PredictionLoop(settings, recipe, stage, worker_id, store)
     loop.install_signal_handlers()
     try:

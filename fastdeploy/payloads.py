@@ -82,7 +82,7 @@ def validate_webhook(url: Any, allowed_hosts: frozenset[str]) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        parts.port  # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
         raise BadRequest(f"webhook {url!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not host:

@@ -79,7 +79,7 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
-        self._store = open_store(self.settings.broker, str(self.settings.state_path))
+        self._store = open_store(self.settings.broker, self.settings.state_path)
         try:
             if self.run_loops and not self.settings.broker:
                 self._release_previous_workers()

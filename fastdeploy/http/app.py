@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -136,7 +137,7 @@ def create_app(settings: Settings, recipe: Recipe) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = open_store(settings.broker, str(settings.state_path))
+        store = open_store(settings.broker, settings.state_path)
         svc = Service(settings, recipe, store)
         state["service"] = svc
         state["metrics"] = Metrics(svc.snapshot, BATCH_BUCKETS)
@@ -173,5 +174,5 @@ async def _refresh_forever(svc: Service) -> None:
         await svc.refresh()
         if os.getppid() != parent:
             log.warning("the supervisor is gone; stopping")
-            os.kill(os.getpid(), 15)
+            os.kill(os.getpid(), signal.SIGTERM)
             return

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
+
+from fastdeploy.errors import SettingsError
 
 from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, WorkerInfo
 
@@ -130,29 +133,29 @@ class Store(abc.ABC):
         return self.wait_for_results(0.0)
 
     # -- lifecycle ------------------------------------------------------------
-    def listen_for_jobs(self, stage: int) -> None:
+    def listen_for_jobs(self, stage: int) -> None:  # noqa: B027 (optional hook)
         """Prepare to receive rings for ``stage`` (a loop calls this before claiming)."""
 
-    def listen_for_results(self) -> None:
+    def listen_for_results(self) -> None:  # noqa: B027 (optional hook)
         """Prepare to receive result rings (an API server calls this at start-up)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections and doorbell sockets."""
 
 
-def open_store(broker: str, state_dir: "str | None" = None) -> Store:
-    """The store the settings ask for: Redis when a broker URL is given, else SQLite."""
-    from pathlib import Path
+def open_store(broker: str, state_dir: Optional[Path] = None) -> Store:
+    """The store the settings ask for: Redis when a broker URL is given, else SQLite.
 
+    Backends are imported here, on demand, so the SQLite path never needs ``redis``.
+    """
     if broker:
         if not broker.startswith(("redis://", "rediss://", "unix://")):
-            from fastdeploy.errors import SettingsError
-
-            raise SettingsError(f"--broker must be a redis:// URL, got {broker!r}")
+            raise SettingsError(f"--broker must be a redis://HOST:PORT/DB URL, got {broker!r}")
         from fastdeploy.store.redis import RedisStore
 
         return RedisStore(broker)
     from fastdeploy.store.sqlite import SQLiteStore
 
-    assert state_dir is not None
-    return SQLiteStore(Path(state_dir))
+    if state_dir is None:
+        raise SettingsError("the embedded store needs a state folder (--state-dir)")
+    return SQLiteStore(state_dir)
