@@ -42,54 +42,59 @@ class Answer:
 
 
 class StoreBridge:
-    """Runs blocking store calls on one thread and batches submissions into one transaction.
+    """Runs blocking store calls on one thread; writes submissions in groups.
 
-    When nothing is queued for that thread and the store can write without waiting
-    (SQLite with no other writer active), a submission is written right away on the
-    event loop instead: a lone request skips two thread hops.
+    Submissions made during one turn of the event loop are written together at the end
+    of that turn: right there on the event loop when the store can write without waiting
+    (SQLite with no other writer active: no thread hop for a lone request), otherwise on
+    the store thread, which takes everything that queued up meanwhile in one transaction.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._pending: list[tuple[NewJob, asyncio.Future[None]]] = []
-        self._flush_scheduled = False
-        self._in_thread = 0  # calls queued or running on the store thread
+        self._turn_flush_scheduled = False
+        self._thread_flush_scheduled = False
         self._lock = threading.Lock()
 
-    @property
-    def idle(self) -> bool:
-        return self._in_thread == 0
-
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            self._in_thread += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            with self._lock:
-                self._in_thread -= 1
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def submit(self, job: NewJob) -> None:
-        if self.idle and self.store.try_submit([job]):
-            return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             self._pending.append((job, future))
-            schedule = not self._flush_scheduled
-            self._flush_scheduled = True
-            if schedule:
-                self._in_thread += 1
-        if schedule:
-            self._executor.submit(self._flush, loop)
+        if not self._turn_flush_scheduled:
+            self._turn_flush_scheduled = True
+            loop.call_soon(self._flush_turn, loop)
         await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush_turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._turn_flush_scheduled = False
+        with self._lock:
+            if self._thread_flush_scheduled or not self._pending:
+                return  # the store thread will take these with its next write
+            batch = self._pending
+            self._pending = []
+        try:
+            written = self.store.try_submit([job for job, _ in batch])
+        except Exception as exc:  # a failing fast path falls back to the thread, which reports errors
+            log.debug("immediate submit failed: %s", exc)
+            written = False
+        if written:
+            _settle([f for _, f in batch], None)
+            return
+        with self._lock:
+            self._pending[:0] = batch
+            self._thread_flush_scheduled = True
+        self._executor.submit(self._flush_thread, loop)
+
+    def _flush_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
-            self._flush_scheduled = False
-            self._in_thread -= 1
+            self._thread_flush_scheduled = False
         if not batch:
             return
         error: Optional[BaseException] = None
