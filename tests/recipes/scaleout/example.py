@@ -1,0 +1,2 @@
+name = "scaleout"
+example = ["warmup"]

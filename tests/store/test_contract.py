@@ -1,0 +1,406 @@
+"""The store contract (fastdeploy/store/base.py), run on every backend: embedded SQLite and Redis.
+
+Time-dependent behaviour (leases, silent workers, result expiry) is driven through the
+``now`` that maintain() receives, so nothing here sleeps for a lease to run out.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+import orjson
+
+from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, NewJob, Outcome, WorkerInfo
+from fastdeploy.store.base import MAX_ATTEMPTS, Store
+
+FAR = 1e9  # a worker timeout or TTL that never triggers
+
+
+def job(job_id: str, n_items: int = 1, priority: int = 9, deadline: Optional[float] = None,
+        webhook: Optional[str] = None) -> NewJob:
+    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, deadline, webhook)
+
+
+def ids(claimed) -> list[str]:
+    return [c.id for c in claimed]
+
+
+def status(store: Store, job_id: str) -> Optional[JobStatus]:
+    view = store.get([job_id]).get(job_id)
+    return None if view is None else view.status
+
+
+def done(job_id: str, stage: int = 0, value: object = "ok") -> Outcome:
+    return Outcome(job_id, stage, result=orjson.dumps([value]))
+
+
+def info(worker_id: str, stage: int = 0, seen: Optional[float] = None, **stats: object) -> WorkerInfo:
+    return WorkerInfo(worker_id, stage, "host-a", 4242, 8, True, time.time() if seen is None else seen, dict(stats))
+
+
+# -- submit and read ------------------------------------------------------------------
+def test_submit_then_get(store):
+    store.submit([job("a"), job("b", n_items=3)])
+    views = store.get(["a", "b", "unknown"])
+    assert set(views) == {"a", "b"}
+    assert views["a"].status is JobStatus.QUEUED and views["a"].result is None
+    assert store.get([]) == {}
+    store.submit([])  # nothing to do, no error
+
+
+def test_claim_returns_payload_and_marks_processing(store):
+    deadline = time.time() + 60
+    store.submit([job("a", n_items=2, deadline=deadline)])
+    (claimed,) = store.claim(0, 8, "w1", 30)
+    assert (claimed.id, claimed.stage, claimed.payload, claimed.n_items) == ("a", 0, b"payload-a", 2)
+    assert abs(claimed.deadline - deadline) < 1e-3
+    assert status(store, "a") is JobStatus.PROCESSING
+    assert store.claim(0, 8, "w2", 30) == []
+
+
+def test_claim_in_priority_order_then_fifo(store):
+    store.submit([job("p9a", priority=9), job("p9b", priority=9), job("p1a", priority=1)])
+    store.submit([job("p5", priority=5), job("p1b", priority=1), job("p0", priority=0)])
+    order = []
+    while claimed := store.claim(0, 1, "w1", 30):
+        order += ids(claimed)
+    assert order == ["p0", "p1a", "p1b", "p5", "p9a", "p9b"]
+
+
+def test_claim_counts_inputs_up_to_max_items(store):
+    store.submit([job("a", 3), job("b", 3), job("c", 3)])
+    assert ids(store.claim(0, 7, "w1", 30)) == ["a", "b"]
+    assert ids(store.claim(0, 7, "w1", 30)) == ["c"]
+    assert store.claim(0, 7, "w1", 30) == []
+
+
+def test_one_oversized_job_is_still_claimed_alone(store):
+    store.submit([job("big", 10), job("small", 1)])
+    assert ids(store.claim(0, 4, "w1", 30)) == ["big"]
+    assert ids(store.claim(0, 4, "w1", 30)) == ["small"]
+
+
+def test_claim_only_takes_its_stage(store):
+    store.submit([job("a")])
+    assert store.claim(1, 8, "w1", 30) == []
+    assert ids(store.claim(0, 8, "w1", 30)) == ["a"]
+
+
+def test_claims_from_two_handles_never_share_a_job(open_store):
+    first, second = open_store(), open_store()
+    first.submit([job(f"j{i:03d}") for i in range(120)])
+    taken: dict[str, list[str]] = {"w1": [], "w2": []}
+
+    def drain(store: Store, worker: str) -> None:
+        while claimed := store.claim(0, 3, worker, 30):
+            taken[worker].extend(ids(claimed))
+
+    threads = [threading.Thread(target=drain, args=(s, w)) for s, w in ((first, "w1"), (second, "w2"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    everything = taken["w1"] + taken["w2"]
+    assert sorted(everything) == [f"j{i:03d}" for i in range(120)]  # each exactly once
+
+
+# -- deadlines ---------------------------------------------------------------------------
+def test_expired_deadline_fails_with_504_at_claim(store):
+    store.submit([job("late", deadline=time.time() - 1), job("fine", deadline=time.time() + 60)])
+    assert ids(store.claim(0, 8, "w1", 30)) == ["fine"]
+    view = store.get(["late"])["late"]
+    assert view.status is JobStatus.FAILED
+    assert view.reason == TIMED_OUT_REASON and view.error_status == 504
+    assert store.unfinished() == 1  # only "fine", which is processing
+
+
+def test_expired_jobs_ahead_do_not_hide_a_live_one(store):
+    past = time.time() - 1
+    store.submit([job(f"late{i}", deadline=past, priority=0) for i in range(5)] + [job("live", priority=9)])
+    assert ids(store.claim(0, 1, "w1", 30)) == ["live"]
+    assert all(status(store, f"late{i}") is JobStatus.FAILED for i in range(5))
+
+
+# -- finishing ---------------------------------------------------------------------------
+def test_finish_done_stores_the_result(store):
+    store.submit([job("a")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a", 0, result=b'[{"x":1}]')], "w1")
+    view = store.get(["a"])["a"]
+    assert view.status is JobStatus.DONE and view.result == b'[{"x":1}]'
+    assert store.unfinished() == 0 and store.queue_depths(1) == [0]
+
+
+def test_finish_failed_keeps_reason_and_status(store):
+    store.submit([job("a"), job("b")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a", 0, reason="the predictor failed on input 0", error_status=500),
+                  Outcome("b", 0, reason="client error", error_status=400)], "w1")
+    a, b = store.get(["a", "b"]).values()
+    assert a.status is JobStatus.FAILED and a.reason == "the predictor failed on input 0" and a.error_status == 500
+    assert b.status is JobStatus.FAILED and b.error_status == 400
+
+
+def test_finish_moves_a_chain_to_the_next_stage(store):
+    store.submit([job("a", n_items=2, priority=3)])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a", 0, payload=b"stage-1-input", n_items=2)], "w1")
+    assert status(store, "a") is JobStatus.QUEUED
+    assert store.queue_depths(2) == [0, 1] and store.unfinished() == 1
+    assert store.claim(0, 8, "w1", 30) == []
+    (claimed,) = store.claim(1, 8, "w2", 30)
+    assert (claimed.id, claimed.stage, claimed.payload, claimed.n_items) == ("a", 1, b"stage-1-input", 2)
+    store.finish([Outcome("a", 0, result=b"[0]")], "w1")  # a late stage-0 outcome: ignored
+    assert status(store, "a") is JobStatus.PROCESSING
+    store.finish([done("a", stage=1, value="final")], "w2")
+    assert store.get(["a"])["a"].result == b'["final"]'
+    assert store.unfinished() == 0 and store.queue_depths(2) == [0, 0]
+
+
+def test_next_stage_keeps_priority_order(store):
+    store.submit([job("low", priority=9), job("high", priority=1)])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("low", 0, payload=b"x", n_items=1), Outcome("high", 0, payload=b"y", n_items=1)], "w1")
+    assert ids(store.claim(1, 1, "w2", 30)) == ["high"]
+
+
+def test_finish_is_idempotent_first_outcome_wins(store):
+    store.submit([job("a")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("a", value="first")], "w1")
+    store.finish([done("a", value="second")], "w1")
+    store.finish([Outcome("a", 0, reason="late failure")], "w2")
+    view = store.get(["a"])["a"]
+    assert view.status is JobStatus.DONE and view.result == b'["first"]'
+
+
+def test_job_predicted_twice_is_recorded_once(store):
+    store.submit([job("a")])
+    store.claim(0, 8, "w1", 30)
+    store.maintain(time.time() + 60, FAR, FAR)  # w1's lease ran out: back in the queue
+    assert status(store, "a") is JobStatus.QUEUED
+    assert ids(store.claim(0, 8, "w2", 30)) == ["a"]
+    store.finish([done("a", value="from w1")], "w1")  # the slow first worker finishes after all
+    store.finish([done("a", value="from w2")], "w2")
+    assert store.get(["a"])["a"].result == b'["from w1"]'
+    assert store.unfinished() == 0 and store.queue_depths(1) == [0]
+    store.heartbeat(info("w2"), 30)  # the second worker's heartbeat must not bring it back
+    store.maintain(time.time() + 120, FAR, FAR)
+    assert status(store, "a") is JobStatus.DONE and store.unfinished() == 0
+
+
+def test_outcome_for_a_requeued_job_still_counts(store):
+    store.submit([job("a")])
+    store.claim(0, 8, "w1", 30)
+    store.maintain(time.time() + 60, FAR, FAR)
+    store.finish([done("a")], "w1")
+    assert status(store, "a") is JobStatus.DONE
+    assert store.claim(0, 8, "w2", 30) == [] and store.unfinished() == 0
+
+
+# -- workers, leases and maintenance ----------------------------------------------------------
+def test_heartbeat_registers_workers(store):
+    store.heartbeat(info("w1", stage=0, items=12, batch_buckets=[1, 2]), 30)
+    store.heartbeat(info("w2", stage=1), 30)
+    workers = {w.worker_id: w for w in store.workers()}
+    assert set(workers) == {"w1", "w2"}
+    w1 = workers["w1"]
+    assert (w1.stage, w1.host, w1.pid, w1.batch_size, w1.ready) == (0, "host-a", 4242, 8, True)
+    assert w1.stats == {"items": 12, "batch_buckets": [1, 2]}
+    store.heartbeat(WorkerInfo("w1", 0, "host-a", 4242, 16, True, time.time(), {}), 30)
+    assert {w.worker_id: w.batch_size for w in store.workers()}["w1"] == 16
+
+
+def test_release_worker_requeues_its_jobs_in_their_place(store):
+    store.submit([job("a", priority=2), job("b", priority=2), job("c", priority=5)])
+    store.heartbeat(info("w1"), 30)
+    assert ids(store.claim(0, 2, "w1", 30)) == ["a", "b"]
+    assert store.queue_depths(1) == [1]
+    assert store.release_worker("w1") == 2
+    assert store.queue_depths(1) == [3] and store.unfinished() == 3
+    assert "w1" not in {w.worker_id for w in store.workers()}
+    assert ids(store.claim(0, 3, "w2", 30)) == ["a", "b", "c"]
+    assert store.release_worker("nobody") == 0
+
+
+def test_poison_job_fails_after_max_attempts(store):
+    store.submit([job("poison")])
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert ids(store.claim(0, 8, f"w{attempt}", 30)) == ["poison"]
+        assert store.release_worker(f"w{attempt}") == 1
+        if attempt < MAX_ATTEMPTS:
+            assert status(store, "poison") is JobStatus.QUEUED
+    view = store.get(["poison"])["poison"]
+    assert view.status is JobStatus.FAILED and view.error_status == 500
+    assert f"stopped {MAX_ATTEMPTS} times" in view.reason
+    assert store.claim(0, 8, "w9", 30) == [] and store.unfinished() == 0
+
+
+def test_maintain_requeues_lapsed_leases(store):
+    store.submit([job("a"), job("b")])
+    store.claim(0, 1, "w1", 30)
+    store.maintain(time.time(), FAR, FAR)  # lease still valid: nothing happens
+    assert status(store, "a") is JobStatus.PROCESSING
+    store.maintain(time.time() + 31, FAR, FAR)
+    assert status(store, "a") is JobStatus.QUEUED
+    assert store.queue_depths(1) == [2] and store.unfinished() == 2
+    assert ids(store.claim(0, 1, "w2", 30)) == ["a"]
+
+
+def test_heartbeat_extends_leases(store):
+    store.submit([job("a")])
+    store.claim(0, 8, "w1", 1)
+    store.heartbeat(info("w1"), 100)
+    store.maintain(time.time() + 10, FAR, FAR)
+    assert status(store, "a") is JobStatus.PROCESSING
+
+
+def test_maintain_requeues_jobs_of_silent_workers(store):
+    now = time.time()
+    store.submit([job("a")])
+    store.heartbeat(info("w1", seen=now), 1000)
+    store.claim(0, 8, "w1", 1000)
+    store.heartbeat(info("w1", seen=now), 1000)
+    store.heartbeat(info("w2", seen=now + 20), 1000)
+    store.maintain(now + 10, FAR, 30)  # heard from 10 s ago: alive
+    assert status(store, "a") is JobStatus.PROCESSING
+    store.maintain(now + 40, FAR, 30)  # lease still runs, but w1 has been silent 40 s
+    assert status(store, "a") is JobStatus.QUEUED
+    assert {w.worker_id for w in store.workers()} == {"w2"}
+    assert ids(store.claim(0, 8, "w2", 30)) == ["a"]
+
+
+def test_results_expire_after_the_ttl(store):
+    store.submit([job("a", webhook="http://127.0.0.1:9/hook"), job("b")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("a"), Outcome("b", 0, reason="bad")], "w1")
+    now = time.time()
+    store.maintain(now, 3600, FAR)
+    assert set(store.get(["a", "b"])) == {"a", "b"}
+    store.maintain(now + 100, 10, FAR)
+    assert store.get(["a", "b"]) == {}
+    assert store.unfinished() == 0
+
+
+def test_unfinished_and_queue_depths(store):
+    assert store.unfinished() == 0 and store.queue_depths(3) == [0, 0, 0]
+    store.submit([job("a"), job("b"), job("c")])
+    assert store.unfinished() == 3 and store.queue_depths(2) == [3, 0]
+    store.claim(0, 1, "w1", 30)
+    assert store.unfinished() == 3 and store.queue_depths(2) == [2, 0]
+    store.finish([Outcome("a", 0, payload=b"x", n_items=1)], "w1")
+    assert store.unfinished() == 3 and store.queue_depths(2) == [2, 1]
+    store.claim(1, 8, "w2", 30)
+    store.finish([done("a", stage=1)], "w2")
+    assert store.unfinished() == 2 and store.queue_depths(2) == [2, 0]
+
+
+# -- webhook outbox -------------------------------------------------------------------------
+def _wait_for_webhook(store: Store, lease: float, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deliveries = store.claim_webhooks(10, lease)
+        if deliveries:
+            return deliveries
+        time.sleep(0.05)
+    raise AssertionError("the webhook never became due again")
+
+
+def test_webhook_outbox_claim_lease_retry_delivered(store):
+    store.submit([job("a", webhook="http://127.0.0.1:1/hook"), job("b")])
+    assert store.claim_webhooks(10, 30) == []  # nothing finished yet
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("a", value=7), done("b")], "w1")
+    (delivery,) = store.claim_webhooks(10, 0.3)
+    assert (delivery.job_id, delivery.url, delivery.attempts) == ("a", "http://127.0.0.1:1/hook", 0)
+    assert orjson.loads(delivery.body) == {"unique_id": "a", "status": "done", "success": True, "prediction": [7]}
+    assert store.claim_webhooks(10, 30) == []  # leased to the first sender
+    (again,) = _wait_for_webhook(store, 30)  # the lease ran out: due again
+    assert again.job_id == "a" and again.attempts == 0
+    store.webhook_retry("a", time.time() + 100)
+    assert store.claim_webhooks(10, 30) == []  # not due yet
+    store.webhook_retry("a", time.time() - 1)
+    (retried,) = store.claim_webhooks(10, 30)
+    assert retried.attempts == 2
+    store.webhook_delivered("a")
+    store.webhook_retry("a", time.time() - 1)  # a late retry after delivery resurrects nothing
+    assert store.claim_webhooks(10, 0.01) == []
+    time.sleep(0.05)
+    assert store.claim_webhooks(10, 30) == []
+
+
+def test_webhook_for_failed_and_timed_out_jobs(store):
+    store.submit([job("late", deadline=time.time() - 1, webhook="http://h/late"), job("bad", webhook="http://h/bad")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("bad", 0, reason="it broke")], "w1")
+    bodies = {d.job_id: orjson.loads(d.body) for d in store.claim_webhooks(10, 30)}
+    assert bodies["late"] == {"unique_id": "late", "status": "failed", "success": False, "reason": TIMED_OUT_REASON}
+    assert bodies["bad"] == {"unique_id": "bad", "status": "failed", "success": False, "reason": "it broke"}
+
+
+def test_webhook_is_leased_to_one_sender_at_a_time(open_store):
+    first, second = open_store(), open_store()
+    first.submit([job(f"j{i}", webhook="http://h/x") for i in range(20)])
+    first.claim(0, 100, "w1", 30)
+    first.finish([done(f"j{i}") for i in range(20)], "w1")
+    got: list[list[str]] = [[], []]
+
+    def take(store: Store, slot: int) -> None:
+        for _ in range(10):
+            got[slot] += [d.job_id for d in store.claim_webhooks(3, 30)]
+
+    threads = [threading.Thread(target=take, args=(s, i)) for i, s in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(got[0] + got[1]) == sorted(f"j{i}" for i in range(20))
+
+
+# -- doorbells ------------------------------------------------------------------------------
+def test_wait_for_results_receives_ids_rung_by_finish(open_store):
+    api, loop = open_store(), open_store()
+    api.listen_for_results()
+    loop.submit([job("a"), job("b"), job("late", deadline=time.time() - 1)])
+    loop.claim(0, 8, "w1", 30)
+    loop.finish([done("a"), Outcome("b", 0, reason="bad")], "w1")
+    heard: set[str] = set()
+    deadline = time.monotonic() + 10
+    while not {"a", "b", "late"} <= heard and time.monotonic() < deadline:
+        heard.update(api.wait_for_results(1.0))
+    assert {"a", "b", "late"} <= heard
+
+
+def test_wait_for_results_returns_after_timeout_without_news(store):
+    store.listen_for_results()
+    started = time.monotonic()
+    assert store.wait_for_results(0.2) == []
+    assert 0.1 <= time.monotonic() - started < 3
+
+
+def test_wait_for_jobs_wakes_on_submit(open_store):
+    loop, api = open_store(), open_store()
+    loop.listen_for_jobs(0)
+    loop.wait_for_jobs(0, 0.01)  # nothing queued: returns at once
+    waited: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        loop.wait_for_jobs(0, 5.0)
+        waited.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)  # let the loop block first: the point is that the submit wakes it
+    api.submit([job("a")])
+    thread.join(10)
+    assert waited and waited[0] < 2.5, waited
+
+
+def test_wait_for_jobs_returns_after_timeout_without_news(store):
+    store.listen_for_jobs(0)
+    started = time.monotonic()
+    store.wait_for_jobs(0, 0.2)
+    assert 0.1 <= time.monotonic() - started < 3
