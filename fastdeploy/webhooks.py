@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 StoreCall = Callable[..., Awaitable[Any]]
 
 POLL_SECONDS = 0.2
+OUTAGE_POLL_SECONDS = 2.0
 CONCURRENCY = 32
 
 
@@ -45,6 +46,7 @@ class WebhookSender:
         """Deliver until cancelled."""
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False)
         lease = self.settings.webhook_timeout + 5.0
+        outage = False
         try:
             while True:
                 free = CONCURRENCY - len(self._tasks)
@@ -52,13 +54,18 @@ class WebhookSender:
                 if free > 0:
                     try:
                         deliveries = await self._call(self.store.claim_webhooks, free, lease)
-                    except Exception as exc:  # store down: try again shortly
-                        log.warning("webhook outbox unavailable: %s", exc)
+                        if outage:
+                            log.info("webhook outbox reachable again")
+                        outage = False
+                    except Exception as exc:  # store down: say so once, try again shortly
+                        if not outage:
+                            log.warning("webhook outbox unavailable (retrying quietly): %s", exc)
+                        outage = True
                 for delivery in deliveries:
                     task = asyncio.create_task(self._deliver(delivery))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                await asyncio.sleep(POLL_SECONDS)
+                await asyncio.sleep(OUTAGE_POLL_SECONDS if outage else POLL_SECONDS)
         finally:
             for task in list(self._tasks):
                 task.cancel()
