@@ -21,7 +21,7 @@ Command line:
 
 Library:
   run_load(url, body, clients, duration, warmup, items_per_request, engine)
-  ProcessGroupRss(pgid) / ProcessTreeRss(pid): sample a server's memory.
+  RssSampler(pgid, roots): sample a server's memory (process group + descendants).
 """
 import argparse
 import asyncio
@@ -315,68 +315,76 @@ def run_load(url, body, clients, duration, warmup=2.0, items_per_request=1,
 # --------------------------------------------------------------------------- #
 # memory sampling
 # --------------------------------------------------------------------------- #
-def _procs_in_group_proc(pgid):
-    """(pid, rss_bytes) of processes whose process group is pgid, via /proc."""
+def proc_table():
+    """{pid: (ppid, pgrp, state, rss_bytes, start_ticks)} for every process, from /proc."""
     page = os.sysconf("SC_PAGE_SIZE")
-    out = []
+    table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open("/proc/%s/stat" % name, "rb") as f:
                 stat = f.read()
-            fields = stat[stat.rfind(b")") + 2:].split()
-            if int(fields[2]) != pgid:  # fields: state ppid pgrp ...
-                continue
+            fields = stat[stat.rfind(b")") + 2:].split()  # state ppid pgrp ... (starttime = [19])
             with open("/proc/%s/statm" % name, "rb") as f:
-                out.append((int(name), int(f.read().split()[1]) * page))
+                rss = int(f.read().split()[1]) * page
+            table[int(name)] = (int(fields[1]), int(fields[2]), fields[0].decode(), rss, int(fields[19]))
         except (OSError, ValueError, IndexError):
             pass
-    return out
+    return table
+
+
+def server_pids(pgid=None, roots=(), table=None):
+    """Live pids of a server: its process group plus every descendant of its
+    root processes and group members (children that moved to their own
+    session or group, like supervisor-managed workers, are still found)."""
+    table = proc_table() if table is None else table
+    found = {pid for pid, (_, pgrp, st, _, _) in table.items() if pgid is not None and pgrp == pgid and st != "Z"}
+    found |= {r for r in roots if r in table and table[r][2] != "Z"}
+    children = {}
+    for pid, (ppid, _, st, _, _) in table.items():
+        if st != "Z":
+            children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for c in children.get(stack.pop(), ()):
+            if c not in found:
+                found.add(c)
+                stack.append(c)
+    return found
+
+
+def server_rss_bytes(pgid=None, roots=()):
+    """Sum of RSS over a server's processes (shared pages count once per process)."""
+    table = proc_table()
+    return sum(table[p][3] for p in server_pids(pgid, roots, table))
 
 
 def group_rss_bytes(pgid):
-    """Sum of RSS of every process in a process group (shared pages count once per process)."""
-    return sum(rss for _, rss in _procs_in_group_proc(pgid))
-
-
-def tree_rss_bytes(pid):
-    """Sum of RSS of a process and all its descendants (needs psutil)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+    return server_rss_bytes(pgid, ())
 
 
 class RssSampler:
-    """Samples a server's memory in a background thread.
+    """Samples a server's memory (sum of RSS over its processes) in a thread.
 
-    target: ("group", pgid) -> every process in that process group (works for
-    servers made of several process trees, e.g. fastDeploy 3.1.1's loop + rest),
-    or ("tree", pid) -> the process and its descendants (psutil).
+    pgid: the server's process group; roots: pids whose descendants belong to
+    the server too.  Every process seen is remembered in .seen
+    {pid: start_ticks} (used to make sure nothing survives a stop).
     """
 
-    def __init__(self, target, interval=0.25):
-        self.kind, self.ident = target
+    def __init__(self, pgid=None, roots=(), interval=0.25):
+        self.pgid, self.roots = pgid, tuple(roots)
         self.interval = interval
         self.samples = []
+        self.seen = {}
         self._stop = threading.Event()
         self._thread = None
 
     def sample_once(self):
-        if self.kind == "group":
-            return group_rss_bytes(self.ident)
-        return tree_rss_bytes(self.ident)
+        table = proc_table()
+        pids = server_pids(self.pgid, self.roots, table)
+        self.seen.update((p, table[p][4]) for p in pids)
+        return sum(table[p][3] for p in pids)
 
     def _run(self):
         while not self._stop.is_set():

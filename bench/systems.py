@@ -1,8 +1,9 @@
 """How each benchmarked system is installed, started, probed and stopped.
 
-Every system is started in its own process group (start_new_session), so
-stopping it kills the whole group (all workers, forks and spawned children),
-and memory is sampled over the whole group.
+Every system is started in its own process group (setpgid).  Its processes
+are that group plus all descendants of its root processes (a supervisor may
+move workers into their own sessions): memory is summed over them, and
+stopping sends SIGTERM to all of them, then SIGKILL after a grace period.
 
   ours      this repo's server: `<current python> -m fastdeploy run RECIPE
             --host 127.0.0.1 --port PORT`; ready when GET /ready is 200;
@@ -16,6 +17,7 @@ and memory is sampled over the whole group.
             through bench/peers/litserve/server.py; ready when GET /health is
             200; POST /predict {"data": [...]}
 """
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +28,13 @@ import time
 import urllib.error
 import urllib.request
 
+import loadgen
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 
 
 def http(method, url, body=None, content_type="application/json", timeout=5.0):
@@ -36,7 +43,7 @@ def http(method, url, body=None, content_type="application/json", timeout=5.0):
     if body is not None:
         req.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _OPENER.open(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -66,24 +73,32 @@ class Server:
         self.procs = []
         self.logs = []
         self.pgid = None
+        self.known = {}  # pid -> start time (clock ticks), every process seen
         self.info = {}
 
     def spawn(self, name, cmd, cwd, env):
         log_path = os.path.join(self.run_dir, "%s.log" % name)
         log = open(log_path, "ab")
-        kw = {}
-        if self.pgid is None:
-            kw["start_new_session"] = True
-        else:
-            kw["process_group"] = self.pgid  # join the first process's group
+        # the first process leads a new process group, later ones join it (same
+        # session, so setpgid is allowed); Ctrl+C on the runner does not reach them
+        pg = 0 if self.pgid is None else self.pgid
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=subprocess.STDOUT, **kw)
+                             stdout=log, stderr=subprocess.STDOUT, process_group=pg)
         log.close()
         if self.pgid is None:
             self.pgid = p.pid
         self.procs.append(p)
         self.logs.append(log_path)
         return p
+
+    @contextlib.contextmanager
+    def cleanup_on_error(self):
+        """Stop whatever was already started if a later step of start-up fails."""
+        try:
+            yield self
+        except BaseException:
+            self.stop()
+            raise
 
     def alive(self):
         return all(p.poll() is None for p in self.procs)
@@ -94,6 +109,7 @@ class Server:
             if not self.alive():
                 raise RuntimeError("%s exited during start-up\n%s" % (self.system, self.log_tail()))
             status, _ = http("GET", self.ready_url, timeout=2.0)
+            self._remember()
             if status == 200:
                 return
             time.sleep(0.2)
@@ -109,28 +125,59 @@ class Server:
             raise RuntimeError("%s probe: unexpected answer %r" % (self.system, resp[:300]))
         return data
 
-    def stop(self, grace=5.0):
+    def _roots(self):
+        return [p.pid for p in self.procs]
+
+    def _remember(self, table=None):
+        """Add the server's current processes to self.known {pid: start_ticks}."""
+        table = loadgen.proc_table() if table is None else table
+        pids = loadgen.server_pids(self.pgid, self._roots(), table)
+        self.known.update((p, table[p][4]) for p in pids)
+        return table
+
+    def rss_sampler(self):
+        sampler = loadgen.RssSampler(self.pgid, self._roots())
+        sampler.seen = self.known  # shared: every process ever seen gets stopped
+        return sampler
+
+    def stop(self, grace=8.0):
+        """SIGTERM every process of the server, SIGKILL what is left after `grace` s."""
         if self.pgid is None:
             return
-        try:
-            os.killpg(self.pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self._signal_all(signal.SIGTERM)
         deadline = time.time() + grace
-        while time.time() < deadline and _group_alive(self.pgid):
+        while time.time() < deadline and self._live():
             time.sleep(0.1)
-        try:
-            os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self._live():
+            self._signal_all(signal.SIGKILL)
         for p in self.procs:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         deadline = time.time() + 5
-        while time.time() < deadline and _group_alive(self.pgid):
+        while time.time() < deadline and self._live():
             time.sleep(0.1)
+
+    def _live(self, table=None):
+        """Known processes still running (same pid *and* start time: no reused pids)."""
+        table = self._remember(table)
+        return [pid for pid, start in self.known.items()
+                if pid in table and table[pid][4] == start and table[pid][2] != "Z"]
+
+    def _signal_all(self, sig):
+        # the group, plus children a supervisor moved to their own session/group,
+        # including ones already orphaned (reparented to init)
+        live = self._live()
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in live:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def log_tail(self, n=30):
         out = []
@@ -144,28 +191,6 @@ class Server:
             except OSError:
                 pass
         return "\n".join(out)
-
-
-def _group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies still count for killpg(0); treat a group of zombies as gone
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rfind(b")") + 2:].split()
-            if int(fields[2]) == pgid and fields[0] != b"Z":
-                return True
-        except (OSError, ValueError, IndexError):
-            pass
-    return False
 
 
 def copy_recipe(recipe_dir, run_dir):
@@ -184,9 +209,10 @@ def venv_python(venv):
 
 def installed_version(venv, dist):
     try:
-        out = subprocess.run([venv_python(venv), "-c",
+        # -I and cwd=/ so a checkout of this repo (fastdeploy.egg-info) is not seen
+        out = subprocess.run([venv_python(venv), "-I", "-c",
                               "import importlib.metadata as m; print(m.version(%r))" % dist],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, cwd="/")
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -202,8 +228,8 @@ def ensure_venv(venv, dist, version, log=print):
         base = getattr(sys, "_base_executable", sys.executable)
         subprocess.run([base, "-m", "venv", venv], check=True)
     log("installing %s==%s into %s (one-off)" % (dist, version, venv))
-    subprocess.run([venv_python(venv), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    "%s==%s" % (dist, version)], check=True)
+    subprocess.run([venv_python(venv), "-I", "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "%s==%s" % (dist, version)], check=True, cwd="/")
     if installed_version(venv, dist) != version:
         raise RuntimeError("could not install %s==%s into %s" % (dist, version, venv))
 
@@ -274,8 +300,9 @@ class FastDeploy311(System):
                      "http://127.0.0.1:%d/health" % port, run_dir)
         env = _clean_env(dict({"HOST": "127.0.0.1", "PORT": str(port)}, **settings.get("env", {})))
         # the loop warms up and picks the batch size; the REST process waits for it
-        srv.spawn("loop", [exe, "--recipe", ".", "--loop"], cwd=recipe, env=env)
-        srv.spawn("rest", [exe, "--recipe", ".", "--rest"], cwd=recipe, env=env)
+        with srv.cleanup_on_error():
+            srv.spawn("loop", [exe, "--recipe", ".", "--loop"], cwd=recipe, env=env)
+            srv.spawn("rest", [exe, "--recipe", ".", "--rest"], cwd=recipe, env=env)
         return srv
 
     @staticmethod
