@@ -8,6 +8,7 @@ fail, and reports itself with a heartbeat that also extends its leases.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -117,6 +118,8 @@ class PredictionLoop:
         self.seconds_per_item = 0.0
         self.ready = False
         self._stop = threading.Event()
+        self._recorder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
+        self._recording: Optional[concurrent.futures.Future[None]] = None
         self._predictor: Optional[Callable[..., Any]] = None
         self._is_last = stage == recipe.stages - 1
         self._file_stage = recipe.is_file and stage == 0
@@ -146,6 +149,7 @@ class PredictionLoop:
             )
             self._serve()
         finally:
+            self._recorder.shutdown(wait=True)  # outcomes first, then let go of the jobs
             self._stop.set()
             heartbeat.join(timeout=5)
             try:
@@ -292,7 +296,17 @@ class PredictionLoop:
             for folder in folders:  # before the answer goes out: files never outlive their request
                 shutil.rmtree(folder, ignore_errors=True)
         self.stats.failed_jobs += len(failures)
-        self._record(outcomes)
+        self._hand_over(outcomes)
+
+    def _hand_over(self, outcomes: Sequence[Outcome]) -> None:
+        """Record outcomes on the recorder thread while the next batch is predicted.
+
+        At most one batch waits there: if the previous one is still being recorded (the
+        store is slow or down), wait for it first, so nothing piles up in memory.
+        """
+        if self._recording is not None:
+            self._recording.result()
+        self._recording = self._recorder.submit(self._record, outcomes)
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
         """Store the outcomes, retrying while the store is down; once stopping, one last try, then the leases decide."""

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import orjson
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CLIENT_GONE_REASON = "the client closed the connection before the answer; the request was not predicted"
+WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watching its connection
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
 SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
 
@@ -109,6 +111,40 @@ class StoreBridge:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+class ClientGone(Exception):
+    """The /sync client closed its connection while waiting."""
+
+
+class SyncTimeout(Exception):
+    """A /sync request waited TIMEOUT seconds."""
+
+
+def _fail(waiter: "asyncio.Future[JobView]", error: type[Exception]) -> None:
+    if not waiter.done():
+        waiter.set_exception(error())
+
+
+class _Watch:
+    """Fails a waiter with ClientGone when the client's connection closes."""
+
+    def __init__(self, client_gone: Optional[Callable[[], Awaitable[None]]], waiter: "asyncio.Future[JobView]") -> None:
+        self._client_gone = client_gone
+        self._waiter = waiter
+        self._task: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> None:
+        if self._client_gone is not None and not self._waiter.done():
+            self._task = asyncio.ensure_future(self._run(self._client_gone))
+
+    async def _run(self, client_gone: Callable[[], Awaitable[None]]) -> None:
+        await client_gone()
+        _fail(self._waiter, ClientGone)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _settle(futures: Sequence[asyncio.Future[None]], error: Optional[BaseException]) -> None:
@@ -222,28 +258,51 @@ class Service:
         self._unfinished += 1
         return job.id
 
-    async def predict_sync(self, request: ParsedRequest) -> Answer:
+    async def predict_sync(
+        self, request: ParsedRequest, client_gone: Optional[Callable[[], Awaitable[None]]] = None
+    ) -> Answer:
+        """Queue the job and wait for its outcome, until TIMEOUT or until the client leaves.
+
+        ``client_gone()`` completes when the client closes its connection; its job is then
+        taken off the queue (if no loop has started on it), so nobody predicts for no one.
+        Watching starts only once a request has waited a little: quick answers skip it.
+        """
         self._check_capacity()
         timeout = self.settings.timeout
         job = self._new_job(request, time.time() + timeout)
-        assert self._loop is not None
-        waiter: asyncio.Future[JobView] = self._loop.create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[JobView] = loop.create_future()
         self._waiters[job.id] = waiter
+        timer = loop.call_later(timeout, _fail, waiter, SyncTimeout)
+        watch = _Watch(client_gone, waiter)
+        start_watch = loop.call_later(WATCH_CLIENT_AFTER_SECONDS, watch.start) if client_gone is not None else None
         try:
             await self.bridge.submit(job)
             self._unfinished += 1
-            try:
-                view = await asyncio.wait_for(waiter, timeout)
-            except asyncio.TimeoutError:
-                reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
-                return Answer(504, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+            view = await waiter
+        except SyncTimeout:
+            reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
+            return Answer(504, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+        except ClientGone:
+            await self._abandon(job.id)
+            return Answer(499, b"")  # nobody reads it
         finally:
             self._waiters.pop(job.id, None)
+            timer.cancel()
+            if start_watch is not None:
+                start_watch.cancel()
+            watch.stop()
         if view.status is JobStatus.DONE:
             body = b'{"success":true,"unique_id":' + orjson.dumps(job.id) + b',"prediction":' + (view.result or b"null") + b"}"
             return Answer(200, body)
         reason = view.reason or "the prediction failed"
         return Answer(view.error_status, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+
+    async def _abandon(self, job_id: str) -> None:
+        try:
+            await self.bridge.call(self.store.cancel, [job_id], CLIENT_GONE_REASON, 499)
+        except Exception as exc:  # the job then runs to the end; only work is wasted
+            log.warning("could not take abandoned job %s off the queue: %s", job_id, exc)
 
     async def result(self, unique_id: str) -> Answer:
         views = await self.bridge.call(self.store.get, [unique_id])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -58,6 +59,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+async def _disconnected(request: Request) -> None:
+    """Completes when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(settings: Settings, recipe: Recipe) -> Starlette:
     """The ASGI app of one API server process; the store opens when the app starts."""
     state: dict[str, Any] = {}
@@ -93,7 +100,7 @@ def create_app(settings: Settings, recipe: Recipe) -> Starlette:
             await read_body(request, limit), file_mode=file_mode, sync=True,
             max_items=settings.max_per_client_batch,
         )
-        answer: Answer = await service().predict_sync(parsed)
+        answer: Answer = await service().predict_sync(parsed, functools.partial(_disconnected, request))
         return json_response(answer.status, answer.body)
 
     async def async_(request: Request) -> Response:

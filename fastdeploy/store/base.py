@@ -56,6 +56,13 @@ class Store(abc.ABC):
         """Jobs waiting to be claimed, per stage."""
 
     @abc.abstractmethod
+    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
+        """Fail the jobs that are still queued (at any stage), so no loop predicts them.
+
+        Jobs already being predicted, or finished, are left alone. Returns the ids failed.
+        """
+
+    @abc.abstractmethod
     def wait_for_results(self, timeout: float) -> list[str]:
         """Block up to ``timeout`` for news of finished jobs; returns their ids (maybe none)."""
 

@@ -322,6 +322,21 @@ ring_results(finished)
 return #finished
 """
 
+# ARGV[A..]: now, reason, error status, then the ids; fails those still queued
+_LUA_CANCEL = """
+local now, reason, status = ARGV[A], ARGV[A + 1], ARGV[A + 2]
+local cancelled = {}
+for i = A + 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', P_JOB .. id, 'status') == 'queued' then
+    finalize(id, now, {'status', 'failed', 'reason', reason, 'error_status', status})
+    cancelled[#cancelled + 1] = id
+  end
+end
+ring_results(cancelled)
+return cancelled
+"""
+
 # ARGV[A..]: mode, now, max_attempts, poison reason template, then
 #   mode 'worker': worker id, seen cutoff ('' = release unconditionally)
 #   mode 'lapsed': job ids whose lease may have run out
@@ -499,6 +514,7 @@ class RedisStore(Store):
         self._submit = register(_LUA_PRELUDE + _LUA_SUBMIT)
         self._claim = register(_LUA_PRELUDE + _LUA_CLAIM)
         self._finish = register(_LUA_PRELUDE + _LUA_FINISH)
+        self._cancel = register(_LUA_PRELUDE + _LUA_CANCEL)
         self._requeue = register(_LUA_PRELUDE + _LUA_REQUEUE)
         self._heartbeat = register(_LUA_PRELUDE + _LUA_HEARTBEAT)
         self._expire = register(_LUA_PRELUDE + _LUA_EXPIRE)
@@ -626,6 +642,12 @@ class RedisStore(Store):
                     int(error_status) if error_status else 500,
                 )
         return views
+
+    @_guarded
+    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
+        if not ids:
+            return []
+        return [_text(i) for i in self._run(self._cancel, repr(time.time()), reason, int(error_status), *ids)]
 
     @_guarded
     def unfinished(self) -> int:

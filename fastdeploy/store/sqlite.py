@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
 """
 
 _API_ROLE = "api"
+_LOCK_WAIT_SECONDS = 30.0  # longest a write waits for another writer before 503
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 
 
@@ -91,19 +92,21 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        db = self._connect(timeout=30.0)
+        db = self._connect(timeout=30.0)  # creating the schema may wait for another process
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+        db.execute("PRAGMA busy_timeout=0")
         self._local.db = db
-        self._nowait: Optional[sqlite3.Connection] = None
         self._bell = Bell(bell_folder(state_dir))
 
     # -- plumbing -------------------------------------------------------------
-    def _connect(self, timeout: float) -> sqlite3.Connection:
+    def _connect(self, timeout: float = 0.0) -> sqlite3.Connection:
+        # SQLite's own busy handler sleeps 1, 2, 5, 10 … ms when another process holds the
+        # write lock; writes here take tens of microseconds, so _begin retries far sooner.
         try:
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA synchronous=NORMAL")
@@ -116,17 +119,30 @@ class SQLiteStore(Store):
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = self._connect(timeout=30.0)
+            db = self._local.db = self._connect()
         return db
 
+    def _begin(self, db: sqlite3.Connection, wait: bool) -> None:
+        """Take the write lock, retrying every 50 µs to 1 ms while another writer has it."""
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        delay = 0.00005
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not wait or "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.001)
+
     @contextmanager
-    def _write(self, db: Optional[sqlite3.Connection] = None) -> Iterator[sqlite3.Connection]:
+    def _write(self, db: Optional[sqlite3.Connection] = None, wait: bool = True) -> Iterator[sqlite3.Connection]:
         """One atomic write; rings queued inside it are sent after it commits."""
         db = db or self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+        self._begin(db, wait)
         self._local.rings = []
         try:
             yield db
@@ -154,13 +170,9 @@ class SQLiteStore(Store):
 
     def try_submit(self, jobs: Sequence[NewJob]) -> bool:
         """Write now if the file is free this instant; never wait for another writer."""
-        if self._nowait is None:
-            self._nowait = self._connect(timeout=0.0)
         try:
-            self._insert(self._nowait, jobs)
+            self._insert(jobs, wait=False)
         except StoreUnavailable:
-            return False
-        except sqlite3.OperationalError:  # locked by another writer: the caller queues it instead
             return False
         return True
 
@@ -173,13 +185,13 @@ class SQLiteStore(Store):
 
     # -- API side -------------------------------------------------------------
     def submit(self, jobs: Sequence[NewJob]) -> None:
-        self._insert(self._db(), jobs)
+        self._insert(jobs, wait=True)
 
-    def _insert(self, db: sqlite3.Connection, jobs: Sequence[NewJob]) -> None:
+    def _insert(self, jobs: Sequence[NewJob], wait: bool) -> None:
         if not jobs:
             return
         now = time.time()
-        with self._write(db):
+        with self._write(wait=wait) as db:
             db.executemany(
                 "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, created)"
                 " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?)",
@@ -197,6 +209,21 @@ class SQLiteStore(Store):
             ):
                 views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500)
         return views
+
+    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
+        now = time.time()
+        cancelled: list[str] = []
+        with self._write() as db:
+            for job_id in ids:
+                row = db.execute(
+                    "SELECT stage, webhook FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)
+                ).fetchone()
+                if row is not None:
+                    self._fail_locked(db, job_id, row[0], reason, error_status, row[1], now)
+                    cancelled.append(job_id)
+            if cancelled:
+                self._ring_after_commit(_API_ROLE, "\n".join(cancelled).encode())
+        return cancelled
 
     def unfinished(self) -> int:
         (count,) = self._read("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')")[0]

@@ -158,3 +158,22 @@ def test_only_async_refuses_sync(tmp_path):
         response = server.post("/sync", {"data": [1]})
         assert response.status_code == 400 and "ONLY_ASYNC" in response.json()["reason"]
         assert server.post("/async", {"data": [1]}).status_code == 200
+
+
+def test_a_sync_client_that_leaves_is_not_predicted_for(tmp_path):
+    import socket
+
+    log = tmp_path / "calls.jsonl"
+    env = {"FD_TEST_LOG": str(log), "FD_TEST_SLEEP": "1.0", "BATCH_SIZE": "1"}
+    with serve(TEST_RECIPES / "slow", env=env) as server:
+        server.post("/async", {"data": ["occupy"]})
+        time.sleep(0.2)
+        body = json.dumps({"data": ["left"]}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /sync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.3)  # queued behind "occupy"; then the client hangs up
+        time.sleep(2.0)
+        predicted = [json.loads(line)["inputs"] for line in log.read_text().splitlines()]
+        assert predicted == [["occupy"]]
+        assert server.post("/sync", {"data": ["next"]}).json()["prediction"][0]["echo"] == "next"

@@ -404,3 +404,18 @@ def test_wait_for_jobs_returns_after_timeout_without_news(store):
     started = time.monotonic()
     store.wait_for_jobs(0, 0.2)
     assert 0.1 <= time.monotonic() - started < 3
+
+
+def test_cancel_fails_only_queued_jobs(store):
+    store.submit([job("a"), job("b"), job("c")])
+    (claimed,) = store.claim(0, 1, "w1", 30.0)
+    assert claimed.id == "a"
+    store.finish([done("a")], "w1")
+    store.claim(0, 1, "w1", 30.0)  # b is being predicted now
+    assert store.cancel(["a", "b", "c", "unknown"], "the client went away", 499) == ["c"]
+    views = store.get(["a", "b", "c"])
+    assert views["a"].status is JobStatus.DONE and views["b"].status is JobStatus.PROCESSING
+    assert views["c"].status is JobStatus.FAILED and views["c"].reason == "the client went away"
+    assert views["c"].error_status == 499
+    assert store.claim(0, 10, "w2", 30.0) == []
+    assert store.unfinished() == 1
