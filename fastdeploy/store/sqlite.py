@@ -226,7 +226,11 @@ class SQLiteStore(Store):
         return cancelled
 
     def unfinished(self) -> int:
-        (count,) = self._read("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'processing')")[0]
+        # two counts, so each uses its partial index instead of scanning every result kept
+        (count,) = self._read(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE status = 'queued')"
+            " + (SELECT COUNT(*) FROM jobs WHERE status = 'processing')"
+        )[0]
         return int(count)
 
     def queue_depths(self, stages: int) -> list[int]:
