@@ -326,9 +326,14 @@ class PredictionLoop:
 
     @staticmethod
     def _write_files(folder: Path, files: list[Any]) -> list[str]:
+        """Write a request's files into its own folder; names are base names (checked again
+        here, since a shared store may hold jobs from API servers we do not control)."""
         paths = []
         for name, content in files:
-            path = folder / name
+            base = os.path.basename(str(name).replace("\\", "/"))
+            if base in ("", ".", "..") or "\x00" in base:
+                raise ValueError(f"unusable file name {name!r}")
+            path = folder / base
             path.write_bytes(content)
             paths.append(str(path))
         return paths
