@@ -238,8 +238,8 @@ class PredictionLoop:
                 self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
                 continue
             jobs = self._top_up(jobs, busy)
+            self.process(jobs, overlap=busy)
             busy = True
-            self.process(jobs)
 
     def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
         """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle."""
@@ -259,8 +259,12 @@ class PredictionLoop:
             have += sum(j.n_items for j in more)
         return jobs
 
-    def process(self, jobs: Sequence[ClaimedJob]) -> None:
-        """Predict every input of the claimed jobs and record one outcome per job."""
+    def process(self, jobs: Sequence[ClaimedJob], overlap: bool = False) -> None:
+        """Predict every input of the claimed jobs and record one outcome per job.
+
+        ``overlap``: under load, record on the recorder thread while the next batch is
+        predicted; a lone batch is recorded right here (no thread hop on its way out).
+        """
         folders: list[Path] = []
         try:
             flat: list[Any] = []
@@ -296,7 +300,12 @@ class PredictionLoop:
             for folder in folders:  # before the answer goes out: files never outlive their request
                 shutil.rmtree(folder, ignore_errors=True)
         self.stats.failed_jobs += len(failures)
-        self._hand_over(outcomes)
+        if overlap:
+            self._hand_over(outcomes)
+        else:
+            if self._recording is not None:
+                self._recording.result()  # keep outcomes in order with the recorder's
+            self._record(outcomes)
 
     def _hand_over(self, outcomes: Sequence[Outcome]) -> None:
         """Record outcomes on the recorder thread while the next batch is predicted.
