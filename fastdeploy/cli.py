@@ -129,7 +129,7 @@ def _run_api(settings: Settings, recipe: Any, fd: int) -> int:
 
 def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str) -> int:
     from fastdeploy.loop import PredictionLoop
-    from fastdeploy.store.base import open_store
+    from fastdeploy.store import open_store
 
     store = open_store(settings.broker, settings.state_path)
     loop = PredictionLoop(settings, recipe, stage, worker_id, store)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
-from fastdeploy.store.base import Store, open_store
+from fastdeploy.store import Store, open_store
 
 log = logging.getLogger(__name__)
 

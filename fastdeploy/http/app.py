@@ -26,7 +26,7 @@ from fastdeploy.payloads import parse_request, parse_unique_id
 from fastdeploy.recipe import Recipe
 from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
 from fastdeploy.settings import Settings
-from fastdeploy.store.base import open_store
+from fastdeploy.store import open_store
 from fastdeploy.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import pytest
 
 from fastdeploy.errors import StoreUnavailable
 from fastdeploy.jobs import NewJob, Outcome, WorkerInfo
-from fastdeploy.store.base import open_store
+from fastdeploy.store import open_store
 from tests.redis_server import PrivateRedis, _free_port
 
 pytestmark = pytest.mark.redis
