@@ -372,11 +372,16 @@ class RssSampler:
     {pid: start_ticks} (used to make sure nothing survives a stop).
     """
 
-    def __init__(self, pgid=None, roots=(), interval=0.25):
+    def __init__(self, pgid=None, roots=(), interval=0.25, role_of=None):
         self.pgid, self.roots = pgid, tuple(roots)
         self.interval = interval
         self.samples = []
         self.seen = {}
+        # role_of(pid) -> name (e.g. "api", "loop"): RSS is also summed per role
+        self.role_of = role_of
+        self.role_samples = {}  # role -> [bytes, ...]
+        self.last_roles = {}  # role -> bytes at the latest sample
+        self._roles = {}  # (pid, start) -> role
         self._stop = threading.Event()
         self._thread = None
 
@@ -384,15 +389,29 @@ class RssSampler:
         table = proc_table()
         pids = server_pids(self.pgid, self.roots, table)
         self.seen.update((p, table[p][4]) for p in pids)
+        if self.role_of is not None:
+            roles = {}
+            for p in pids:
+                key = (p, table[p][4])
+                role = self._roles.get(key) or self.role_of(p)
+                if role in ("api", "loop"):  # settled (a child may not have exec'd yet)
+                    self._roles[key] = role
+                roles[role] = roles.get(role, 0) + table[p][3]
+            self.last_roles = roles
         return sum(table[p][3] for p in pids)
 
     def _run(self):
         while not self._stop.is_set():
             try:
                 self.samples.append(self.sample_once())
+                for role, value in self.last_roles.items():
+                    self.role_samples.setdefault(role, []).append(value)
             except Exception:
                 pass
             self._stop.wait(self.interval)
+
+    def role_peaks_mb(self):
+        return {role: round(max(v) / 2**20, 1) for role, v in self.role_samples.items() if v}
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -10,6 +10,14 @@ own requirements installed in the running interpreter.
     python bench/raw_models.py                       # minilm and vad
     python bench/raw_models.py --recipes vad --seconds 0.5 --json /tmp/raw.json
     python bench/raw_models.py --recipes recipes/ocr --max-batch 4
+    python bench/raw_models.py --recipes minilm --inputs items.json --threads 2 \
+        --batch-sizes 1,16,32,64 --json /tmp/raw.json
+
+--inputs FILE replaces the example with a JSON list of inputs (file recipes:
+paths, relative ones resolved against the recipe folder); bench/run.py uses it
+to time exactly the item its W3/W4 requests carry.  --threads N sets
+OMP_NUM_THREADS & co. before the recipe is imported and torch's thread count
+after, as fastDeploy's loop does (default: leave the environment alone).
 
 A recipe that cannot be imported (missing requirements) is reported and skipped.
 """
@@ -33,8 +41,24 @@ def _load_module(name, path):
     return module
 
 
-def load_recipe(recipe):
-    """recipe: a name under recipes/ or a path to a recipe folder."""
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def set_threads(threads):
+    """Before any recipe import: BLAS / OpenMP / ONNX Runtime (via OMP_NUM_THREADS) threads."""
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+
+
+def limit_torch_threads(threads):
+    torch = sys.modules.get("torch")
+    if torch is not None and threads:
+        torch.set_num_threads(threads)
+
+
+def load_recipe(recipe, inputs=None):
+    """recipe: a name under recipes/ or a path to a recipe folder.
+    inputs: optional list replacing the recipe's example."""
     folder = recipe if os.path.isdir(recipe) else os.path.join(ROOT, "recipes", recipe)
     folder = os.path.abspath(folder)
     tag = os.path.basename(folder).replace("-", "_")
@@ -46,9 +70,9 @@ def load_recipe(recipe):
         load_s = time.perf_counter() - t0
     finally:
         sys.path.remove(folder)
-    items = list(example.example)
+    items = list(example.example if inputs is None else inputs)
     if getattr(example, "input_type", "json") == "file":
-        items = [os.path.join(folder, p) for p in items]
+        items = [os.path.join(folder, p) for p in items]  # absolute paths stay as they are
     return folder, predictor.predictor, items, load_s
 
 
@@ -73,10 +97,11 @@ def measure(predict, items, batch_size, seconds, min_calls):
     }
 
 
-def bench_recipe(recipe, batch_sizes, seconds, min_calls):
-    folder, predict, items, load_s = load_recipe(recipe)
+def bench_recipe(recipe, batch_sizes, seconds, min_calls, inputs=None, threads=None):
+    folder, predict, items, load_s = load_recipe(recipe, inputs)
+    limit_torch_threads(threads)
     print(f"\n== {os.path.relpath(folder, ROOT)}  (import+load {load_s:.2f} s, "
-          f"{len(items)} example items cycled)")
+          f"{len(items)} {'example' if inputs is None else 'given'} items cycled)")
     print(f"{'batch':>6} {'items/s':>10} {'ms/batch':>10} {'ms/item':>9} {'calls':>6}")
     rows = []
     for bs in batch_sizes:
@@ -89,6 +114,7 @@ def bench_recipe(recipe, batch_sizes, seconds, min_calls):
     print(f"best batch size {best['batch_size']}: {best['items_per_s']:.1f} items/s "
           f"({speedup:.2f}x batch 1)")
     return {"recipe": os.path.relpath(folder, ROOT), "load_seconds": round(load_s, 3),
+            "threads": threads or os.environ.get("OMP_NUM_THREADS"),
             "results": rows, "best_batch_size": best["batch_size"],
             "best_items_per_s": best["items_per_s"], "speedup_vs_batch_1": round(speedup, 3)}
 
@@ -102,13 +128,26 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=1.0,
                     help="minimum timed seconds per batch size (default 1.0)")
     ap.add_argument("--min-calls", type=int, default=2, help="minimum timed calls per batch size")
+    ap.add_argument("--batch-sizes", help="comma-separated batch sizes (overrides --max-batch)")
+    ap.add_argument("--inputs", metavar="FILE",
+                    help="JSON list of inputs to cycle instead of each recipe's example")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS & co. and torch threads (default: as set)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = ap.parse_args(argv)
 
-    batch_sizes, b = [], 1
-    while b <= args.max_batch:
-        batch_sizes.append(b)
-        b *= 2
+    if args.threads:
+        set_threads(args.threads)
+    inputs = None
+    if args.inputs:
+        with open(args.inputs) as f:
+            inputs = json.load(f)
+    if args.batch_sizes:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    else:
+        batch_sizes, b = [], 1
+        while b <= args.max_batch:
+            batch_sizes.append(b)
+            b *= 2
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}, "
           f"batch sizes {batch_sizes}, >= {args.seconds} s each")
@@ -117,7 +156,8 @@ def main(argv=None):
                       "cpu_count": os.cpu_count(), "recipes": []}, False
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         try:
-            report["recipes"].append(bench_recipe(recipe, batch_sizes, args.seconds, args.min_calls))
+            report["recipes"].append(bench_recipe(recipe, batch_sizes, args.seconds, args.min_calls,
+                                                  inputs, args.threads))
         except Exception as e:
             failed = True
             print(f"\n== {recipe}: SKIPPED ({type(e).__name__}: {e})", file=sys.stderr)

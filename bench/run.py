@@ -1,17 +1,20 @@
 """One-command benchmark: our fastDeploy vs fastDeploy 3.1.1 vs LitServe 0.2.19.
 
-    python bench/run.py [--quick] [--systems ours,fd311,litserve] [--workloads w1,w2]
-                        [--venv-root DIR] [--engine auto|wrk|asyncio]
+    python bench/run.py [--quick] [--systems ours,ours-rawbatch,fd311,litserve]
+                        [--workloads w1,w2,w3,w4] [--venv-root DIR] [--engine auto|wrk|asyncio]
 
-For each system (one at a time) and workload: start the system on 127.0.0.1
-on a free port, wait until it answers, check one request, run the closed-loop
-load at each client count while sampling the server's memory, stop it (kill
-its process group).  Prints one table, writes bench/results/results.json and
-bench/results/chart.png.
+Workload by workload: time the raw predictor (W3/W4, in a fresh process), then
+for each system start it on 127.0.0.1 on a free port, wait until it answers,
+check one request, run the closed-loop load at each client count while
+sampling the server's memory and counting its predictor calls, and stop it
+(ours: SIGTERM to its supervisor, wait, then SIGKILL leftovers; peers: SIGTERM
+to all, SIGKILL after 3 s).  Prints one table, writes
+bench/results/results.json and bench/results/chart.png.
 
 The peers live in their own venvs under --venv-root (default bench/.venvs/,
 git-ignored; env FD_BENCH_VENVS overrides the default); they are created and
-pip-installed on first use.  "ours" runs with the current interpreter.
+pip-installed on first use (W3/W4: plus the recipes' requirements, torch
+first).  "ours" runs with the current interpreter.
 """
 import argparse
 import datetime
@@ -43,35 +46,45 @@ def log(msg):
     print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), flush=True)
 
 
-def run_system_workload(system, wl, quick, timing, engine, run_dir, repeat=1):
+def run_system_workload(system, wl, quick, timing, engine, run_dir, repeat=1, ctx=None):
     """Start `system` for workload `wl`, run every client count, stop it."""
-    settings = wl.systems[system.key]
+    settings = wl.settings_for(system.key, ctx)
     port = loadgen.free_port()
     os.makedirs(run_dir, exist_ok=True)
     rows = []
     t_start = time.time()
     srv = system.start(settings, port, run_dir)
+    config = {}
     try:
         srv.wait_ready(timeout=180 if not quick else 120)
         startup_s = time.time() - t_start
         body = wl.body()
         srv.probe(body, wl.items_per_request, wl.content_type)
-        idle_mb = srv.rss_sampler().sample_once() / 2**20
+        idle = srv.rss_sampler()
+        idle_mb = idle.sample_once() / 2**20
+        idle_roles = {k: round(v / 2**20, 1) for k, v in idle.last_roles.items()}
         config = {"settings": {k: v for k, v in settings.items() if k != "recipe"},
                   "recipe": os.path.relpath(settings["recipe"], os.path.dirname(BENCH)),
                   "startup_s": round(startup_s, 2)}
         if system.key == "fd311":
-            config["fd311_batch_size"] = systems.FastDeploy311.chosen_batch_size(srv)
-        log("%s/%s ready in %.1fs on port %d (idle RSS %.0f MB)%s" % (
+            config["batch_size"] = systems.FastDeploy311.chosen_batch_size(srv)
+        elif system.key.startswith("ours"):
+            config["batch_size"] = srv.batch_size()
+        elif "--max-batch-size" in settings.get("args", []):
+            config["batch_size"] = int(settings["args"][settings["args"].index("--max-batch-size") + 1])
+        log("%s/%s ready in %.1fs on port %d (idle RSS %.0f MB%s)%s" % (
             system.key, wl.key, startup_s, port, idle_mb,
-            " batch size %s" % config.get("fd311_batch_size") if system.key == "fd311" else ""))
+            "".join(", %s %.0f" % kv for kv in sorted(idle_roles.items())),
+            " batch size %s" % config["batch_size"] if config.get("batch_size") else ""))
         for clients in wl.clients_for(quick):
             if not srv.alive():
                 raise RuntimeError("%s died\n%s" % (system.key, srv.log_tail()))
+            before = srv.batch_stats()
             with srv.rss_sampler() as rss:
                 runs = [loadgen.run_load(srv.url, body, clients, timing["duration"], timing["warmup"],
                                          wl.items_per_request, engine, wl.content_type)
                         for _ in range(max(1, repeat))]
+            after = srv.batch_stats()
             # with --repeat N keep the run with the median throughput
             runs.sort(key=lambda x: x["items_per_s"])
             r = runs[len(runs) // 2]
@@ -79,10 +92,25 @@ def run_system_workload(system, wl, quick, timing, engine, run_dir, repeat=1):
                 r["repeats_items_per_s"] = [round(x["items_per_s"], 1) for x in runs]
             r.update({"system": system.key, "workload": wl.key, "rss_peak_mb": rss.peak_mb,
                       "rss_mean_mb": rss.mean_mb, "rss_idle_mb": idle_mb, "config": config})
+            if idle_roles:
+                r["rss_idle_by_role_mb"] = idle_roles
+                r["rss_peak_by_role_mb"] = rss.role_peaks_mb()
+            if before is not None and after is not None and after[0] > before[0]:
+                # predictor calls during warm-up + measurement (ours: heartbeat-delayed ~1 s)
+                r["mean_batch"] = (after[1] - before[1]) / (after[0] - before[0])
             rows.append(r)
-            log("  " + loadgen.format_result(r) + "  RSS %.0f MB" % rss.peak_mb)
+            log("  " + loadgen.format_result(r) + "  RSS %.0f MB%s%s" % (
+                rss.peak_mb, "".join(" %s %.0f" % kv for kv in sorted(rss.role_peaks_mb().items())),
+                "  mean batch %.1f" % r["mean_batch"] if r.get("mean_batch") else ""))
     finally:
-        srv.stop()
+        stop = srv.stop()
+        if stop:
+            log("%s/%s stopped in %.2fs (%s%s)" % (
+                system.key, wl.key, stop["stop_s"],
+                "SIGTERM to the supervisor, it exited after %ss" % stop["root_exit_s"]
+                if stop["mode"] == "root" else "SIGTERM to all",
+                ", %d SIGKILLed" % stop["killed"] if stop["killed"] else ", nothing left to kill"))
+            config["stop"] = stop
     return rows
 
 
@@ -92,11 +120,14 @@ def ratio(a, b):
     return a / b
 
 
-def add_ratios(rows):
+def add_ratios(rows, raws=None):
     ours = {(r["workload"], r["clients"]): r for r in rows if r["system"] == "ours"}
     for r in rows:
+        raw = (raws or {}).get(r["workload"])
+        if raw and r.get("clients") is not None:
+            r["over_raw"] = ratio(r["items_per_s"], raw["items_per_s"])
         o = ours.get((r["workload"], r["clients"]))
-        if r["system"] in ("ours",) or o is None or r.get("clients") is None:
+        if r["system"] in ("ours", "ours-rawbatch") or o is None or r.get("clients") is None:
             r["ours_over_peer_items"] = r["ours_over_peer_p99"] = None
             continue
         r["ours_over_peer_items"] = ratio(o["items_per_s"], r["items_per_s"])
@@ -111,13 +142,23 @@ def fmt(v, spec="%.1f"):
 
 def print_table(rows, failures):
     head = ["system", "workload", "clients", "req/s", "items/s", "p50 ms", "p99 ms",
-            "errors", "RSS MB", "ours/peer items/s", "ours/peer p99"]
+            "errors", "RSS MB", "batch", "/raw", "ours/peer items/s", "ours/peer p99"]
     lines = []
     for r in rows:
+        if r.get("skipped"):
+            lines.append([r["system"], r["workload"]] + ["-"] * (len(head) - 3) + ["skipped (see below)"])
+            continue
+        batch = "-"
+        if r["system"] == "raw-predictor" and r.get("batch_size"):
+            batch = "best %d" % r["batch_size"]
+        elif r.get("mean_batch") is not None:
+            size = (r.get("config") or {}).get("batch_size")
+            batch = "%.1f" % r["mean_batch"] + ("/%s" % size if size else "")
         lines.append([
             r["system"], r["workload"], fmt(r.get("clients"), "%d"),
             fmt(r.get("rps")), fmt(r.get("items_per_s")), fmt(r.get("p50_ms"), "%.2f"),
             fmt(r.get("p99_ms"), "%.2f"), fmt(r.get("errors"), "%d"), fmt(r.get("rss_peak_mb"), "%.0f"),
+            batch, fmt(r.get("over_raw"), "%.2f"),
             fmt(r.get("ours_over_peer_items"), "%.2fx"), fmt(r.get("ours_over_peer_p99"), "%.2fx"),
         ])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
@@ -128,7 +169,13 @@ def print_table(rows, failures):
         out.append(sep.join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(l, widths))))
     print("\n".join(out))
     print("ours/peer items/s > 1: ours has the higher throughput; ours/peer p99 < 1: ours has the "
-          "lower p99.  RSS MB: peak sum of RSS over the server's processes during the run.")
+          "lower p99.  RSS MB: peak sum of RSS over the server's processes during the run.\n"
+          "batch: mean inputs per predictor call during the point / the batch size the system "
+          "used (ours: measured, fd311: searched, litserve: max_batch_size); raw-predictor: its best "
+          "batch size.  /raw: served items/s over the raw predictor's best items/s in this run.")
+    for r in rows:
+        if r.get("skipped"):
+            print("SKIPPED: %s/%s: %s" % (r["system"], r["workload"], r["skipped"]))
     for f in failures:
         lines = [l for l in f["error"].splitlines() if l.strip()] or [""]
         print("FAILED: %s/%s: %s%s" % (f["system"], f["workload"], lines[0],
@@ -155,53 +202,77 @@ def ensure_matplotlib():
         return False
 
 
-COLORS = {"ours": "#1f77b4", "fd311": "#ff7f0e", "litserve": "#2ca02c"}
+COLORS = {"ours": "#1f77b4", "ours-rawbatch": "#9ecae1", "fd311": "#ff7f0e", "litserve": "#2ca02c"}
 
 
 def draw_chart(rows, path, title):
+    """One column per workload (each with its own scale): items/s on top, p99 below."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     measured = [r for r in rows if r.get("clients") is not None]
-    points = []  # (workload, clients) in first-seen order
+    wls = []
     for r in measured:
-        k = (r["workload"], r["clients"])
-        if k not in points:
-            points.append(k)
-    sysnames = [s for s in ("ours", "fd311", "litserve") if any(r["system"] == s for r in measured)]
-    sysnames += sorted({r["system"] for r in measured} - set(sysnames))
-    if not points:
+        if r["workload"] not in wls:
+            wls.append(r["workload"])
+    if not wls:
         return False
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(points) + 3), 8.5))
-    width = 0.8 / max(1, len(sysnames))
-    for ax, key, ylabel in ((axes[0], "items_per_s", "items/s (higher is better)"),
-                            (axes[1], "p99_ms", "p99 latency ms (lower is better, log)")):
-        for i, s in enumerate(sysnames):
-            xs, ys = [], []
-            for j, p in enumerate(points):
-                r = next((r for r in measured if r["system"] == s and (r["workload"], r["clients"]) == p), None)
-                if r is not None and r.get(key) is not None and not math.isnan(r[key]):
-                    xs.append(j + (i - (len(sysnames) - 1) / 2) * width)
-                    ys.append(r[key])
-            bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s))
-            for b, y in zip(bars, ys):
-                ax.annotate("%.0f" % y if y >= 10 else "%.1f" % y, (b.get_x() + b.get_width() / 2, y),
-                            ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(points)))
-        ax.set_xticklabels(["%s\n%d client%s" % (p[0], p[1], "" if p[1] == 1 else "s") for p in points])
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-        if key == "p99_ms":
-            ax.set_yscale("log")
-    limit = next((r for r in rows if r["system"] == "physical-limit"), None)
-    if limit:
-        w2 = [j for j, p in enumerate(points) if p[0] == limit["workload"]]
-        if w2:
-            axes[0].hlines(limit["items_per_s"], min(w2) - 0.45, max(w2) + 0.45, colors="red",
-                           linestyles="dashed", label="W2 physical limit (%.0f items/s)" % limit["items_per_s"])
-    axes[0].legend(fontsize=8)
-    axes[0].set_title(title)
+    sysnames = [s for s in ("ours", "ours-rawbatch", "fd311", "litserve") if any(r["system"] == s for r in measured)]
+    sysnames += sorted({r["system"] for r in measured} - set(sysnames))
+    ncol = [len({r["clients"] for r in measured if r["workload"] == w}) for w in wls]
+    fig, axes = plt.subplots(2, len(wls), figsize=(max(9, 2.4 * sum(ncol) + 1.5), 8.5),
+                             gridspec_kw={"width_ratios": ncol}, squeeze=False)
+    for c, w in enumerate(wls):
+        clients = sorted({r["clients"] for r in measured if r["workload"] == w})
+        here = [s for s in sysnames if any(r["system"] == s and r["workload"] == w for r in measured)]
+        width = 0.8 / max(1, len(here))
+        for ax, key, ylabel in ((axes[0][c], "items_per_s", "items/s (higher is better)"),
+                                (axes[1][c], "p99_ms", "p99 ms (lower is better, log)")):
+            for i, s in enumerate(here):
+                xs, ys = [], []
+                for j, n in enumerate(clients):
+                    r = next((r for r in measured if r["system"] == s and r["workload"] == w
+                              and r["clients"] == n), None)
+                    if r is not None and r.get(key) is not None and not math.isnan(r[key]):
+                        xs.append(j + (i - (len(here) - 1) / 2) * width)
+                        ys.append(r[key])
+                bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s))
+                for b, y in zip(bars, ys):
+                    ax.annotate("%.0f" % y if y >= 10 else "%.1f" % y, (b.get_x() + b.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(range(len(clients)))
+            ax.set_xticklabels(["%d client%s" % (n, "" if n == 1 else "s") for n in clients], fontsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            if c == 0:
+                ax.set_ylabel(ylabel)
+            if key == "p99_ms":
+                ax.set_yscale("log")
+        wl = workloads.WORKLOADS.get(w)
+        axes[0][c].set_title("%s %s" % (w.upper(), wl.name if wl else ""), fontsize=10)
+        # reference lines: W2's physical limit, W3/W4's raw predictor
+        for ref in rows:
+            if ref["workload"] != w or ref.get("clients") is not None:
+                continue
+            if ref["system"] == "physical-limit":
+                label, color = "physical limit %.0f" % ref["items_per_s"], "red"
+            elif ref["system"] == "raw-predictor" and ref.get("batch_size"):
+                label, color = "raw predictor, batch %d: %.0f" % (ref["batch_size"], ref["items_per_s"]), "purple"
+            else:
+                continue
+            axes[0][c].axhline(ref["items_per_s"], color=color, linestyle="dashed", label=label)
+            if ref["system"] == "raw-predictor":
+                axes[0][c].axhline(0.9 * ref["items_per_s"], color=color, linestyle="dotted", linewidth=0.8,
+                                   label="90% of raw")
+        tops = [r["items_per_s"] for r in rows if r["workload"] == w and r.get("items_per_s")]
+        if tops:
+            axes[0][c].set_ylim(0, 1.35 * max(tops))  # room for the legend
+        skipped = [r["system"] for r in rows if r["workload"] == w and r.get("skipped")]
+        if skipped:
+            axes[0][c].text(0.02, 0.02, "skipped: %s (see results.json)" % ", ".join(skipped),
+                            transform=axes[0][c].transAxes, fontsize=7, color="gray")
+        axes[0][c].legend(fontsize=7, loc="best", framealpha=0.8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -211,7 +282,8 @@ def draw_chart(rows, path, title):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (whole thing < 5 min)")
-    p.add_argument("--systems", default="ours,fd311,litserve")
+    p.add_argument("--systems", default="ours,ours-rawbatch,fd311,litserve",
+                   help="ours-rawbatch (ours with BATCH_SIZE = the raw best) runs on W3/W4 only")
     p.add_argument("--workloads", default=",".join(workloads.WORKLOADS))
     p.add_argument("--venv-root", default=os.environ.get("FD_BENCH_VENVS", os.path.join(BENCH, ".venvs")),
                    help="where the peers' venvs live (default bench/.venvs, or $FD_BENCH_VENVS)")
@@ -274,44 +346,77 @@ def main(argv=None):
         meta["workloads"][wkey] = {"name": wl.name, "description": wl.description,
                                    "clients": wl.clients_for(a.quick),
                                    "items_per_request": wl.items_per_request,
-                                   "body_bytes": len(wl.body())}
+                                   "body_bytes": len(wl.body()),
+                                   "skip": wl.skip or None}
+    # the model workloads' requirements (torch first), installed into the peers' venvs
+    requirements = []
+    for wkey in wl_keys:
+        for step in workloads.WORKLOADS[wkey].requirements:
+            if step not in requirements:
+                requirements.append(step)
+    ready = []
     for skey in sys_keys:
         system = systems.SYSTEMS[skey]
         try:
-            system.prepare(venv_root, log)
+            system.prepare(venv_root, log, requirements)
             meta["versions"][skey] = system.version()
+            ready.append(skey)
         except Exception as e:  # noqa: BLE001 - report and go on with the others
             log("skipping %s: %s" % (skey, e))
             for wkey in wl_keys:
                 failures.append({"system": skey, "workload": wkey, "error": "prepare: %s" % e})
-            continue
-        for wkey in wl_keys:
-            wl = workloads.WORKLOADS[wkey]
+    # workload by workload, so the raw predictor and the systems serving it are
+    # measured close together in time (the machine is shared and drifts)
+    raws, cores = {}, os.cpu_count() or 1
+    for wkey in wl_keys:
+        wl = workloads.WORKLOADS[wkey]
+        ctx = {"raw": None, "cores": cores}
+        if wl.raw:
+            try:
+                raws[wkey] = ctx["raw"] = workloads.measure_raw(wl, a.quick, systems.SYSTEMS["ours"].python,
+                                                                log, cores)
+            except Exception as e:  # noqa: BLE001
+                log("FAILED raw predictor of %s: %s" % (wkey, e))
+                failures.append({"system": "raw-predictor", "workload": wkey, "error": str(e)})
+        for skey in ready:
+            if skey in wl.skip:
+                extras.append({"system": skey, "workload": wkey, "clients": None, "skipped": wl.skip[skey]})
+                continue
             if skey not in wl.systems:
                 continue
             run_dir = os.path.join(RUNS, "%s-%s" % (skey, wkey))
             try:
-                rows += run_system_workload(system, wl, a.quick, timing, engine, run_dir, a.repeat)
+                rows += run_system_workload(systems.SYSTEMS[skey], wl, a.quick, timing, engine, run_dir,
+                                            a.repeat, ctx)
             except Exception as e:  # noqa: BLE001
                 log("FAILED %s/%s: %s" % (skey, wkey, e))
                 if os.environ.get("FD_BENCH_DEBUG"):
                     traceback.print_exc()
                 failures.append({"system": skey, "workload": wkey, "error": str(e)})
-    for wkey in wl_keys:
-        wl = workloads.WORKLOADS[wkey]
         if wl.extras:
             extras += wl.extras(a.quick)
+    extras += list(raws.values())
 
-    add_ratios(rows)
+    add_ratios(rows, raws)
     all_rows = rows + extras
     order = {k: i for i, k in enumerate(wl_keys)}
     sorder = {k: i for i, k in enumerate(sys_keys + ["raw-predictor", "physical-limit"])}
     all_rows.sort(key=lambda r: (order.get(r["workload"], 99), sorder.get(r["system"], 99),
                                  r.get("clients") or 0))
+    # how long each system took to stop, per workload (ours: SIGTERM to the supervisor)
+    meta["stops"] = {}
+    for r in rows:
+        stop = (r.get("config") or {}).get("stop")
+        if stop:
+            meta["stops"].setdefault(r["system"], {})[r["workload"]] = stop
     meta["elapsed_s"] = round(time.time() - t0, 1)
 
     print()
     print_table(all_rows, failures)
+    for skey, per in meta["stops"].items():
+        print("stop %s: %s" % (skey, ", ".join(
+            "%s %.2fs%s" % (w, st["stop_s"], " (%d SIGKILLed)" % st["killed"] if st["killed"] else "")
+            for w, st in per.items())))
     out_json = os.path.join(a.out, "results.json")
     with open(out_json, "w") as f:
         json.dump({"meta": meta, "results": all_rows, "failures": failures}, f, indent=2, default=str)

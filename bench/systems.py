@@ -2,8 +2,12 @@
 
 Every system is started in its own process group (setpgid).  Its processes
 are that group plus all descendants of its root processes (a supervisor may
-move workers into their own sessions): memory is summed over them, and
-stopping sends SIGTERM to all of them, then SIGKILL after a grace period.
+move workers into their own sessions): memory is summed over them.  Stopping:
+ours gets SIGTERM on its supervisor (the `fastdeploy run` process) only, which
+stops its children in order (API servers first, then the loops); the harness
+waits for the supervisor to exit and only then SIGKILLs whatever is left.  The
+peers get SIGTERM on all their processes at once, SIGKILL after a grace period.
+The time each stop took is recorded (Server.stop() returns it).
 
   ours      this repo's server: `<current python> -m fastdeploy run RECIPE
             --host 127.0.0.1 --port PORT`; ready when GET /ready is 200;
@@ -20,6 +24,7 @@ stopping sends SIGTERM to all of them, then SIGKILL after a grace period.
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,20 +140,61 @@ class Server:
         self.known.update((p, table[p][4]) for p in pids)
         return table
 
+    # how a process of this server is named in the per-role memory figures (None: no split)
+    role_of = None
+    # "all": SIGTERM every process at once; "root": SIGTERM the first process (a
+    # supervisor) only, wait for it, then SIGKILL leftovers
+    stop_mode = "all"
+    # peers: SIGKILL 3 s after SIGTERM (LitServe's and 3.1.1's workers often ignore
+    # SIGTERM; waiting longer only costs time)
+    stop_grace = 3.0
+
     def rss_sampler(self):
-        sampler = loadgen.RssSampler(self.pgid, self._roots())
+        sampler = loadgen.RssSampler(self.pgid, self._roots(), role_of=self.role_of)
         sampler.seen = self.known  # shared: every process ever seen gets stopped
         return sampler
 
-    def stop(self, grace=8.0):
-        """SIGTERM every process of the server, SIGKILL what is left after `grace` s."""
+    def batch_stats(self):
+        """Cumulative (predictor calls, items) so far, or None when the system does not say."""
+        return None
+
+    def stop(self, grace=None):
+        """Stop the server; returns {"stop_s", "mode", "killed"}.
+
+        mode "root": SIGTERM the root process only and wait up to `grace` s for it
+        to exit (it stops its own children), then SIGKILL anything left.
+        mode "all": SIGTERM every process, SIGKILL what is left after `grace` s."""
         if self.pgid is None:
-            return
-        self._signal_all(signal.SIGTERM)
-        deadline = time.time() + grace
-        while time.time() < deadline and self._live():
-            time.sleep(0.1)
-        if self._live():
+            return None
+        grace = self.stop_grace if grace is None else grace
+        t0 = time.time()
+        self._remember()
+        root_exit_s = None
+        if self.stop_mode == "root":
+            root = self.procs[0]
+            if root.poll() is None:
+                try:
+                    root.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    root.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    pass
+            if root.poll() is not None:
+                root_exit_s = time.time() - t0
+            # the supervisor is gone: its children are left only if it failed to stop them
+            deadline = time.time() + 1.0
+            while time.time() < deadline and self._live():
+                time.sleep(0.05)
+        else:
+            self._signal_all(signal.SIGTERM)
+            deadline = time.time() + grace
+            while time.time() < deadline and self._live():
+                time.sleep(0.1)
+        graceful_s = time.time() - t0
+        killed = self._live()
+        if killed:
             self._signal_all(signal.SIGKILL)
         for p in self.procs:
             try:
@@ -158,6 +204,10 @@ class Server:
         deadline = time.time() + 5
         while time.time() < deadline and self._live():
             time.sleep(0.1)
+        self.stop_info = {"mode": self.stop_mode, "stop_s": round(graceful_s, 2),
+                          "root_exit_s": None if root_exit_s is None else round(root_exit_s, 2),
+                          "killed": len(killed), "total_s": round(time.time() - t0, 2)}
+        return self.stop_info
 
     def _live(self, table=None):
         """Known processes still running (same pid *and* start time: no reused pids)."""
@@ -234,6 +284,55 @@ def ensure_venv(venv, dist, version, log=print):
         raise RuntimeError("could not install %s==%s into %s" % (dist, version, venv))
 
 
+_VERSIONS_SCRIPT = """
+import importlib.metadata as m, json, sys
+out = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        out[name] = m.version(name)
+    except m.PackageNotFoundError:
+        out[name] = None
+print(json.dumps(out))
+"""
+
+
+def installed_versions(python, names):
+    """{dist: version or None} in the environment of `python`."""
+    r = subprocess.run([python, "-I", "-c", _VERSIONS_SCRIPT, json.dumps(sorted(names))],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    if r.returncode != 0:
+        return {n: None for n in names}
+    return json.loads(r.stdout)
+
+
+def _pin_ok(installed, wanted):
+    # "2.13.0+cpu" satisfies "2.13.0"
+    return installed is not None and (installed == wanted or installed.split("+")[0] == wanted)
+
+
+def missing_requirements(python, steps):
+    """The pins of `steps` (see workloads.MODEL_REQUIREMENTS) not satisfied in `python`'s env."""
+    pins = {}
+    for step in steps:
+        pins.update(step["pins"])
+    have = installed_versions(python, pins)
+    return {n: v for n, v in pins.items() if not _pin_ok(have.get(n), v)}
+
+
+def ensure_requirements(python, steps, log=print):
+    """pip install each step (in order: torch first, on its own) whose pins are missing."""
+    for step in steps:
+        missing = missing_requirements(python, [step])
+        if not missing:
+            continue
+        log("installing %s into %s (one-off)" % (" ".join(step["args"]), os.path.dirname(os.path.dirname(python))))
+        subprocess.run([python, "-I", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+                       + list(step["args"]), check=True, cwd=REPO)
+    missing = missing_requirements(python, steps)
+    if missing:
+        raise RuntimeError("could not install %s" % ", ".join("%s==%s" % kv for kv in sorted(missing.items())))
+
+
 # --------------------------------------------------------------------------- #
 # systems
 # --------------------------------------------------------------------------- #
@@ -241,8 +340,9 @@ class System:
     key = ""
     label = ""
 
-    def prepare(self, venv_root, log=print):
-        """Install whatever is needed; raise RuntimeError when unavailable."""
+    def prepare(self, venv_root, log=print, requirements=()):
+        """Install whatever is needed (plus the workloads' model `requirements`,
+        see workloads.MODEL_REQUIREMENTS); raise RuntimeError when unavailable."""
 
     def version(self):
         return None
@@ -251,18 +351,73 @@ class System:
         raise NotImplementedError
 
 
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def ours_role(pid):
+    """api / loop / supervisor, from the command line `fastdeploy run` gives its children."""
+    argv = _cmdline(pid)
+    if b"_api" in argv or b"serve" in argv:
+        return "api"
+    if b"_loop" in argv or b"worker" in argv:
+        return "loop"
+    if b"run" in argv:
+        return "supervisor"
+    return "other"
+
+
+class OursServer(Server):
+    role_of = staticmethod(ours_role)
+    stop_mode = "root"
+    stop_grace = 60.0
+
+    def batch_stats(self):
+        """From GET /metrics: fastdeploy_batch_size_count / _sum (updated by the loops'
+        heartbeats, i.e. up to ~1 s late)."""
+        status, body = http("GET", self.url.rsplit("/", 1)[0] + "/metrics", timeout=5.0)
+        if status != 200:
+            return None
+        calls = items = 0.0
+        for line in body.decode("utf-8", "replace").splitlines():
+            if line.startswith("fastdeploy_batch_size_count"):
+                calls += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("fastdeploy_batch_size_sum"):
+                items += float(line.rsplit(" ", 1)[1])
+        return calls, items
+
+    def batch_size(self):
+        """The batch size the loop(s) chose, from GET /meta."""
+        status, body = http("GET", self.url.rsplit("/", 1)[0] + "/meta", timeout=5.0)
+        if status != 200:
+            return None
+        try:
+            return json.loads(body)["stages"][0]["batch_size"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+
+
 class Ours(System):
     key, label = "ours", "fastDeploy (this repo)"
 
     def __init__(self, python=None):
         self.python = python or sys.executable
 
-    def prepare(self, venv_root, log=print):
+    def prepare(self, venv_root, log=print, requirements=()):
         r = subprocess.run([self.python, "-c", "import fastdeploy"], capture_output=True,
                            text=True, cwd=REPO, timeout=60)
         if r.returncode != 0:
             raise RuntimeError("`import fastdeploy` fails in %s: %s" % (
                 self.python, r.stderr.strip().splitlines()[-1:] or ""))
+        # ours runs in the caller's environment: check, never install into it
+        self.missing = missing_requirements(self.python, requirements) if requirements else {}
+        if self.missing:
+            log("ours: %s lacks %s: the model workloads will fail (install the recipes' "
+                "requirements, torch==2.13.0 first)" % (self.python, ", ".join(sorted(self.missing))))
 
     def version(self):
         r = subprocess.run([self.python, "-c", "import fastdeploy; print(getattr(fastdeploy, '__version__', '?'))"],
@@ -271,8 +426,8 @@ class Ours(System):
 
     def start(self, settings, port, run_dir):
         recipe = copy_recipe(settings["recipe"], run_dir)
-        srv = Server(self.key, "http://127.0.0.1:%d/sync" % port,
-                     "http://127.0.0.1:%d/ready" % port, run_dir)
+        srv = OursServer(self.key, "http://127.0.0.1:%d/sync" % port,
+                         "http://127.0.0.1:%d/ready" % port, run_dir)
         env = _clean_env(settings.get("env"))
         # run from the repo so an uninstalled checkout is importable too
         env["PYTHONPATH"] = REPO
@@ -282,13 +437,85 @@ class Ours(System):
         return srv
 
 
+class OursRawBatch(Ours):
+    """Ours with BATCH_SIZE fixed to the raw predictor's best batch size of the run
+    (workloads with a raw measurement only): separates the cost of ours' batch-size
+    choice from its serving overhead."""
+    key, label = "ours-rawbatch", "fastDeploy (this repo), BATCH_SIZE = raw best"
+
+
+class _LogCounter:
+    """Incrementally scans a log file for lines with a marker; keeps running totals."""
+
+    def __init__(self, path, marker, parse):
+        self.path, self.marker, self.parse = path, marker, parse
+        self.offset, self.calls, self.items, self.last = 0, 0, 0, None
+
+    def update(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return None
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self.offset += end
+        for line in data[:end].splitlines():
+            if self.marker in line:
+                got = self.parse(line)
+                if got is not None:
+                    self.calls, self.items = got(self.calls, self.items)
+        return self.calls, self.items
+
+
+_FD311_BATCH_ITEM = re.compile(rb"': (\d+)")
+
+
+def _fd311_batch(line):
+    # 3.1.1 loop: "Fetched batch {'<uid>': <n inputs>, ...} with ... remaining"
+    head = line.split(b"Fetched batch", 1)[1].split(b"} with", 1)[0]
+    n = sum(int(x) for x in _FD311_BATCH_ITEM.findall(head))
+    return lambda calls, items: (calls + 1, items + n)
+
+
+class FD311Server(Server):
+    def batch_stats(self):
+        if not hasattr(self, "_counter"):
+            self._counter = _LogCounter(self.logs[0], b"Fetched batch", _fd311_batch)
+        return self._counter.update()
+
+
+class LitServeServer(Server):
+    def batch_stats(self):
+        """From bench/peers/litserve/server.py's "FDBENCH_BATCHES pid=P calls=N items=M"
+        lines (running totals per inference worker, printed after every batch when
+        batching is on)."""
+        if not hasattr(self, "_counter"):
+            per_pid = {}
+
+            def parse(line):
+                try:
+                    f = dict(kv.split(b"=") for kv in line.split(b"FDBENCH_BATCHES", 1)[1].split())
+                    per_pid[f[b"pid"]] = (int(f[b"calls"]), int(f[b"items"]))
+                except (ValueError, KeyError, IndexError):
+                    return None
+                calls = sum(c for c, _ in per_pid.values())
+                items = sum(i for _, i in per_pid.values())
+                return lambda _c, _i: (calls, items)
+
+            self._counter = _LogCounter(self.logs[0], b"FDBENCH_BATCHES", parse)
+        return self._counter.update()
+
+
 class FastDeploy311(System):
     key, label = "fd311", "fastDeploy 3.1.1 (PyPI)"
     dist, ver = "fastdeploy", "3.1.1"
 
-    def prepare(self, venv_root, log=print):
+    def prepare(self, venv_root, log=print, requirements=()):
         self.venv = os.path.join(venv_root, "fd311")
         ensure_venv(self.venv, self.dist, self.ver, log)
+        if requirements:
+            ensure_requirements(venv_python(self.venv), requirements, log)
 
     def version(self):
         return self.ver
@@ -296,8 +523,8 @@ class FastDeploy311(System):
     def start(self, settings, port, run_dir):
         recipe = copy_recipe(settings["recipe"], run_dir)
         exe = os.path.join(self.venv, "bin", "fastdeploy")
-        srv = Server(self.key, "http://127.0.0.1:%d/sync" % port,
-                     "http://127.0.0.1:%d/health" % port, run_dir)
+        srv = FD311Server(self.key, "http://127.0.0.1:%d/sync" % port,
+                          "http://127.0.0.1:%d/health" % port, run_dir)
         env = _clean_env(dict({"HOST": "127.0.0.1", "PORT": str(port)}, **settings.get("env", {})))
         # the loop warms up and picks the batch size; the REST process waits for it
         with srv.cleanup_on_error():
@@ -322,17 +549,19 @@ class LitServe(System):
     key, label = "litserve", "LitServe 0.2.19 (PyPI)"
     dist, ver = "litserve", "0.2.19"
 
-    def prepare(self, venv_root, log=print):
+    def prepare(self, venv_root, log=print, requirements=()):
         self.venv = os.path.join(venv_root, "litserve")
         ensure_venv(self.venv, self.dist, self.ver, log)
+        if requirements:
+            ensure_requirements(venv_python(self.venv), requirements, log)
 
     def version(self):
         return self.ver
 
     def start(self, settings, port, run_dir):
         recipe = copy_recipe(settings["recipe"], run_dir)
-        srv = Server(self.key, "http://127.0.0.1:%d/predict" % port,
-                     "http://127.0.0.1:%d/health" % port, run_dir)
+        srv = LitServeServer(self.key, "http://127.0.0.1:%d/predict" % port,
+                             "http://127.0.0.1:%d/health" % port, run_dir)
         script = os.path.join(BENCH, "peers", "litserve", "server.py")
         srv.spawn("server", [venv_python(self.venv), script, "--recipe", recipe,
                              "--host", "127.0.0.1", "--port", str(port)] + list(settings.get("args", [])),
@@ -340,4 +569,4 @@ class LitServe(System):
         return srv
 
 
-SYSTEMS = {s.key: s for s in (Ours(), FastDeploy311(), LitServe())}
+SYSTEMS = {s.key: s for s in (Ours(), OursRawBatch(), FastDeploy311(), LitServe())}

