@@ -11,8 +11,13 @@ from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
-# Keep doubling while the time per input falls by at least this fraction.
-MIN_GAIN = 0.10
+# A larger batch counts as better only when it cuts the time per input by this fraction.
+MIN_GAIN = 0.02
+# Doublings in a row without a better time before the search ends (one dip does not end it).
+PATIENCE = 2
+# Among the sizes within this fraction of the best time per input, take the smallest: the
+# throughput is nearly the same and each batch waits and runs for less time.
+TOLERANCE = 0.05
 # Stop growing the batch once one call takes longer than this (seconds): bigger ones only add latency.
 MAX_CALL_SECONDS = 2.0
 
@@ -29,28 +34,35 @@ def search_batch_size(
     max_batch_size: int,
     *,
     min_gain: float = MIN_GAIN,
+    patience: int = PATIENCE,
+    tolerance: float = TOLERANCE,
     max_call_seconds: float = MAX_CALL_SECONDS,
 ) -> BatchChoice:
-    """Double the batch size while the time per input keeps falling.
+    """Try batch sizes 1, 2, 4, … and choose the one with the fastest time per input.
 
-    ``measure(n)`` returns the seconds one predictor call on ``n`` inputs takes.
+    ``measure(n)`` returns the seconds one predictor call on ``n`` inputs takes. The search
+    ends at ``max_batch_size``, after ``patience`` doublings without a gain of ``min_gain``,
+    or once a call takes longer than ``max_call_seconds``. The choice is the smallest size
+    within ``tolerance`` of the best time per input.
     """
     trials: list[tuple[int, float]] = []
-    last_call = measure(1)
-    best_size, best_per_item = 1, last_call
-    trials.append((1, best_per_item))
-    size = 1
-    while size * 2 <= max_batch_size and last_call < max_call_seconds:
-        size *= 2
-        last_call = measure(size)
-        per_item = last_call / size
+    size, best, misses = 1, float("inf"), 0
+    while True:
+        call = measure(size)
+        per_item = call / size
         trials.append((size, per_item))
-        if per_item > best_per_item * (1.0 - min_gain):
-            if per_item < best_per_item:
-                best_size, best_per_item = size, per_item
+        if per_item < best * (1.0 - min_gain):
+            best, misses = per_item, 0
+        else:
+            best, misses = min(best, per_item), misses + 1
+        if misses >= patience or size * 2 > max_batch_size or call >= max_call_seconds:
             break
-        best_size, best_per_item = size, per_item
-    return BatchChoice(best_size, best_per_item, tuple(trials))
+        size *= 2
+    fastest = min(per_item for _, per_item in trials)
+    chosen = min(
+        (size, per_item) for size, per_item in trials if per_item <= fastest * (1.0 + tolerance)
+    )
+    return BatchChoice(chosen[0], chosen[1], tuple(trials))
 
 
 def fill_wait_seconds(have: int, batch_size: int, seconds_per_item: float, max_wait: float, busy: bool) -> float:
