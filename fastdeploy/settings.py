@@ -55,7 +55,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_size", int, 0, "fix the batch size instead of measuring it at start-up (0 = measure)", ("BATCH_SIZE",), 0),
     Option("max_batch_size", int, 256, "largest batch size the start-up search tries", (), 1),
     Option("max_wait", float, 0.5, "how long a loop waits for a fuller batch, as a multiple of the time per example (only under load)", ("MAX_WAIT",), 0),
-    Option("workers", int, 1, "HTTP server processes sharing the port", ("WORKERS",), 1),
+    Option("workers", int, 0, "HTTP server processes sharing the port (0 = one per CPU core, at most 4)", ("WORKERS",), 0),
     Option("replicas", int, 1, "prediction loop processes per stage", (), 1),
     Option("threads", int, 0, "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", (), 0),
     Option("result_ttl", float, 3600.0, "seconds a finished result stays readable", ("RESULT_TTL",), 1),
@@ -88,7 +88,7 @@ class Settings:
     batch_size: int = 0
     max_batch_size: int = 256
     max_wait: float = 0.5
-    workers: int = 1
+    workers: int = 0
     replicas: int = 1
     threads: int = 0
     result_ttl: float = 3600.0
@@ -105,6 +105,11 @@ class Settings:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir) if self.state_dir else self.recipe_dir / ".fastdeploy"
+
+    @property
+    def api_processes(self) -> int:
+        """How many HTTP server processes to run: WORKERS, or one per core (at most 4)."""
+        return self.workers or max(1, min(4, os.cpu_count() or 1))
 
     @property
     def max_body_bytes(self) -> int:

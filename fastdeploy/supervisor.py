@@ -124,7 +124,7 @@ class Supervisor:
                 for _ in range(self.settings.replicas):
                     self.children.append(Child("loop", stage=stage))
         if self.serve_api:
-            for _ in range(self.settings.workers):
+            for _ in range(self.settings.api_processes):
                 self.children.append(Child("api"))
         for child in self.children:
             self._spawn(child)

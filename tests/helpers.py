@@ -113,7 +113,8 @@ def serve(
     state = Path(tempfile.mkdtemp(prefix="fd-state-")) if state_dir is None else state_dir
     log_path = Path(tempfile.mkstemp(prefix="fd-log-", suffix=".txt")[1])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
-    full_env.update({"FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_HEARTBEAT_SECONDS": "0.2"})
+    # one API process unless a test asks for more: per-process counters (/metrics) stay predictable
+    full_env.update({"FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_HEARTBEAT_SECONDS": "0.2", "WORKERS": "1"})
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe), "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log_file:
