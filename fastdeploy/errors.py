@@ -28,16 +28,8 @@ class BadRequest(FastDeployError):
     status = 400
 
 
-class NotFound(FastDeployError):
-    status = 404
-
-
 class PayloadTooLarge(FastDeployError):
     status = 413
-
-
-class Unauthorized(FastDeployError):
-    status = 401
 
 
 class Unavailable(FastDeployError):
