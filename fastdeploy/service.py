@@ -1,9 +1,10 @@
 """What the API server does, without HTTP: accept jobs, wait for results, report state.
 
-Store calls block, so they run on one dedicated thread; submissions that arrive while
-that thread is busy are written together in one transaction (group commit). A listener
-thread turns the loops' "results ready" rings into resolved futures for waiting /sync
-requests, with a short poll as the fallback for lost rings.
+Store calls block, so they run on one dedicated thread; submissions made in one turn of
+the event loop are written together (group commit), on the event loop itself when the
+store can write without waiting. The loops' "results ready" rings resolve the futures of
+waiting /sync requests: on the event loop when the store's doorbell is a local socket
+(SQLite), else on a listener thread (Redis pub/sub); a short poll covers lost rings.
 """
 
 from __future__ import annotations
