@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from typing import Any, Optional, Sequence
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("_api")  # internal: one API server process on an inherited socket
     _add_settings(api)
     api.add_argument("--fd", type=int, required=True)
+    api.add_argument("--metrics-dir", help="folder shared by the API processes for their metrics")
     loop = commands.add_parser("_loop")  # internal: one prediction loop process
     _add_settings(loop)
     loop.add_argument("--stage", type=int, required=True)
@@ -82,7 +84,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
     recipe = load_recipe(settings.recipe_dir)
     if args.command == "_api":
-        return _run_api(settings, recipe, args.fd)
+        return _run_api(settings, recipe, args.fd, args.metrics_dir)
     if args.command == "_loop":
         return _run_loop(settings, recipe, args.stage, args.worker_id)
     from fastdeploy.supervisor import Supervisor
@@ -105,13 +107,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return supervisor.run()
 
 
-def _run_api(settings: Settings, recipe: Any, fd: int) -> int:
+def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str]) -> int:
+    if metrics_dir:
+        # prometheus_client chooses file-backed values when it is first imported
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     import uvicorn
 
     from fastdeploy.http.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings, recipe),
+        create_app(settings, recipe, metrics_dir),
         loop="auto",
         http="auto",
         lifespan="on",

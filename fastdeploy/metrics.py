@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from fastdeploy.jobs import WorkerInfo
@@ -55,21 +56,29 @@ class _StoreCollector(Collector):
 
 
 class Metrics:
-    """The metrics registry of one API server process."""
+    """The metrics of one API server process.
+
+    With several API server processes on one port (``multiprocess_dir``), request counts
+    and latencies are written to files in that folder and every scrape sums all
+    processes, so any process answers for the whole service.
+    """
 
     def __init__(
         self,
         snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]],
         batch_buckets: Sequence[int],
+        multiprocess_dir: Optional[str] = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        own = None if multiprocess_dir else self.registry
         self.requests = Counter(
-            "fastdeploy_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+            "fastdeploy_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=own
         )
         self.latency = Histogram(
-            "fastdeploy_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            "fastdeploy_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=own
         )
+        if multiprocess_dir:
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
         self.registry.register(_StoreCollector(snapshot, batch_buckets))
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 from fastdeploy.recipe import Recipe
@@ -71,6 +73,7 @@ class Supervisor:
         self._listener: Optional[socket.socket] = None
         self._store: Optional[Store] = None
         self._announced_ready = False
+        self._metrics_dir: Optional[Path] = None
 
     # -- public ---------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -85,6 +88,7 @@ class Supervisor:
                 self._release_previous_workers()
             if self.serve_api:
                 self._bind()
+                self._fresh_metrics_dir()
             self._start_children()
             while not self._stop.wait(WATCH_SECONDS):
                 self._watch()
@@ -92,8 +96,17 @@ class Supervisor:
         finally:
             if self._listener is not None:
                 self._listener.close()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._store.close()
         return 0
+
+    def _fresh_metrics_dir(self) -> None:
+        """An empty folder through which the API processes sum their request metrics."""
+        folder = self.settings.state_path / f"metrics-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self._metrics_dir = folder
 
     @property
     def port(self) -> int:
@@ -133,7 +146,10 @@ class Supervisor:
         base = [sys.executable, "-m", "fastdeploy"]
         if child.role == "api":
             assert self._listener is not None
-            return [*base, "_api", str(self.recipe.path), "--fd", str(self._listener.fileno())]
+            command = [*base, "_api", str(self.recipe.path), "--fd", str(self._listener.fileno())]
+            if self._metrics_dir is not None:
+                command += ["--metrics-dir", str(self._metrics_dir)]
+            return command
         return [*base, "_loop", str(self.recipe.path), "--stage", str(child.stage), "--worker-id", str(child.worker_id)]
 
     def _spawn(self, child: Child) -> None:

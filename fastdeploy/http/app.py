@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import orjson
 from starlette.applications import Starlette
@@ -65,8 +65,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(settings: Settings, recipe: Recipe) -> Starlette:
-    """The ASGI app of one API server process; the store opens when the app starts."""
+def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> Starlette:
+    """The ASGI app of one API server process; the store opens when the app starts.
+
+    ``metrics_dir``: the folder the API server processes of one service share their
+    request metrics through (see ``Metrics``).
+    """
     state: dict[str, Any] = {}
 
     def service() -> Service:
@@ -147,7 +151,7 @@ def create_app(settings: Settings, recipe: Recipe) -> Starlette:
         store = open_store(settings.broker, settings.state_path)
         svc = Service(settings, recipe, store)
         state["service"] = svc
-        state["metrics"] = Metrics(svc.snapshot, BATCH_BUCKETS)
+        state["metrics"] = Metrics(svc.snapshot, BATCH_BUCKETS, metrics_dir)
         await svc.start()
         sender = WebhookSender(settings, store, svc.bridge.call)
         tasks = [asyncio.create_task(sender.run()), asyncio.create_task(_refresh_forever(svc))]

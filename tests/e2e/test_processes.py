@@ -33,6 +33,11 @@ def test_several_api_processes_and_loops_share_one_queue(tmp_path):
         assert len(pids) == 2, "both loops should have predicted"
         ids = [server.post("/async", {"data": [i]}).json()["unique_id"] for i in range(20)]
         assert [server.wait_result(u)["prediction"][0]["echo"] for u in ids] == list(range(20))
+        # whichever process answers the scrape, it counts the requests of both
+        for _ in range(6):
+            text = server.get("/metrics").text
+            assert 'fastdeploy_requests_total{endpoint="sync",status="200"} 200.0' in text, text
+            assert 'fastdeploy_requests_total{endpoint="async",status="200"} 20.0' in text
 
 
 @pytest.mark.timeout(600)
