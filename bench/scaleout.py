@@ -158,7 +158,8 @@ def run_one(workload: str, setup: str, redis_url: str, args: argparse.Namespace)
     for name in ("PORT", "WORKERS", "TIMEOUT", "BATCH_SIZE", "MAX_WAIT"):
         env.pop(name, None)
     env.update(spec["env"])
-    env.update({"FASTDEPLOY_STATE_DIR": os.path.join(folder, "state"), "FASTDEPLOY_LOG_LEVEL": "warning",
+    env.update({"WORKERS": "1",  # one API server process in every setup: the workers are what varies
+                "FASTDEPLOY_STATE_DIR": os.path.join(folder, "state"), "FASTDEPLOY_LOG_LEVEL": "warning",
                 "PYTHONUNBUFFERED": "1"})
     broker = ""
     if shape["broker"]:
