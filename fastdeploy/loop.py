@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_SECONDS = 0.25  # fallback poll when no ring arrives
 ARRIVAL_GAP_SECONDS = 0.002  # a fuller batch is waited for only while requests keep arriving
+MIN_FILL_WAIT_SECONDS = 0.0005  # shorter fill waits are skipped
+RHYTHM_SECONDS = 0.05  # work arriving this soon after a batch counts as load, not a lone request
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -229,7 +231,8 @@ class PredictionLoop:
 
     # -- serving --------------------------------------------------------------
     def _serve(self) -> None:
-        busy = False
+        busy = False  # the last claim found work waiting
+        last_batch_end = float("-inf")
         while not self._stop.is_set():
             try:
                 jobs = self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
@@ -241,9 +244,12 @@ class PredictionLoop:
                 busy = False
                 self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
                 continue
-            jobs = self._top_up(jobs, busy)
+            # clients that were just answered are likely sending again: worth a short wait
+            in_rhythm = time.monotonic() - last_batch_end < RHYTHM_SECONDS
+            jobs = self._top_up(jobs, busy or in_rhythm)
             self.process(jobs, overlap=busy)
             busy = True
+            last_batch_end = time.monotonic()
 
     def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
         """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle.
@@ -254,6 +260,8 @@ class PredictionLoop:
         """
         have = sum(j.n_items for j in jobs)
         wait = batching.fill_wait_seconds(have, self.batch_size, self.seconds_per_item, self.settings.max_wait, busy)
+        if wait < MIN_FILL_WAIT_SECONDS:
+            return jobs  # a cheap model: another claim would cost more than the inputs it could add
         deadline = time.monotonic() + wait
         while have < self.batch_size and (remaining := deadline - time.monotonic()) > 0:
             waited_from = time.monotonic()
