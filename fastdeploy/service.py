@@ -173,7 +173,6 @@ class Service:
         self._depths: list[int] = [0] * recipe.stages
         self._workers: list[WorkerInfo] = []
         self._unfinished = 0
-        self._snapshot_at = 0.0
         self._store_error: Optional[str] = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -211,7 +210,6 @@ class Service:
         except Exception as exc:  # backend-specific connection errors
             self._store_error = f"the job store is unreachable: {exc}"
             log.warning("store snapshot failed: %s", exc)
-        self._snapshot_at = time.monotonic()
 
     def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int]:
         now = time.time()

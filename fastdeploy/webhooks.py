@@ -38,7 +38,6 @@ class WebhookSender:
         self.settings = settings
         self.store = store
         self._call = call
-        self._slots = asyncio.Semaphore(CONCURRENCY)
         self._client: Optional[httpx.AsyncClient] = None
         self._tasks: set[asyncio.Task[None]] = set()
 
