@@ -120,12 +120,15 @@ def ratio(a, b):
     return a / b
 
 
-def add_ratios(rows, raws=None):
+def add_ratios(rows, raws=None, parallels=None):
     ours = {(r["workload"], r["clients"]): r for r in rows if r["system"] == "ours"}
     for r in rows:
         raw = (raws or {}).get(r["workload"])
         if raw and r.get("clients") is not None:
             r["over_raw"] = ratio(r["items_per_s"], raw["items_per_s"])
+        parallel = (parallels or {}).get(r["workload"])
+        if parallel and r.get("clients") is not None:
+            r["over_raw_parallel"] = ratio(r["items_per_s"], parallel["items_per_s"])
         o = ours.get((r["workload"], r["clients"]))
         if r["system"] in ("ours", "ours-rawbatch") or o is None or r.get("clients") is None:
             r["ours_over_peer_items"] = r["ours_over_peer_p99"] = None
@@ -142,14 +145,14 @@ def fmt(v, spec="%.1f"):
 
 def print_table(rows, failures):
     head = ["system", "workload", "clients", "req/s", "items/s", "p50 ms", "p99 ms",
-            "errors", "RSS MB", "batch", "/raw", "ours/peer items/s", "ours/peer p99"]
+            "errors", "RSS MB", "batch", "/raw", "/rawP", "ours/peer items/s", "ours/peer p99"]
     lines = []
     for r in rows:
         if r.get("skipped"):
             lines.append([r["system"], r["workload"]] + ["-"] * (len(head) - 3) + ["skipped (see below)"])
             continue
         batch = "-"
-        if r["system"] == "raw-predictor" and r.get("batch_size"):
+        if r["system"] in ("raw-predictor", "raw-parallel") and r.get("batch_size"):
             batch = "best %d" % r["batch_size"]
         elif r.get("mean_batch") is not None:
             size = (r.get("config") or {}).get("batch_size")
@@ -158,7 +161,7 @@ def print_table(rows, failures):
             r["system"], r["workload"], fmt(r.get("clients"), "%d"),
             fmt(r.get("rps")), fmt(r.get("items_per_s")), fmt(r.get("p50_ms"), "%.2f"),
             fmt(r.get("p99_ms"), "%.2f"), fmt(r.get("errors"), "%d"), fmt(r.get("rss_peak_mb"), "%.0f"),
-            batch, fmt(r.get("over_raw"), "%.2f"),
+            batch, fmt(r.get("over_raw"), "%.2f"), fmt(r.get("over_raw_parallel"), "%.2f"),
             fmt(r.get("ours_over_peer_items"), "%.2fx"), fmt(r.get("ours_over_peer_p99"), "%.2fx"),
         ])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
@@ -172,7 +175,9 @@ def print_table(rows, failures):
           "lower p99.  RSS MB: peak sum of RSS over the server's processes during the run.\n"
           "batch: mean inputs per predictor call during the point / the batch size the system "
           "used (ours: measured, fd311: searched, litserve: max_batch_size); raw-predictor: its best "
-          "batch size.  /raw: served items/s over the raw predictor's best items/s in this run.")
+          "batch size.  /raw: served items/s over the raw predictor's best items/s in this run (one\n"
+          "process, threads = cores: the issue's baseline).  /rawP: over raw-parallel, the predictor in one\n"
+          "process per core side by side (1 thread each): the most a layout of that many loops can serve.")
     for r in rows:
         if r.get("skipped"):
             print("SKIPPED: %s/%s: %s" % (r["system"], r["workload"], r["skipped"]))
@@ -258,6 +263,9 @@ def draw_chart(rows, path, title):
                 label, color = "physical limit %.0f" % ref["items_per_s"], "red"
             elif ref["system"] == "raw-predictor" and ref.get("batch_size"):
                 label, color = "raw predictor, batch %d: %.0f" % (ref["batch_size"], ref["items_per_s"]), "purple"
+            elif ref["system"] == "raw-parallel" and ref.get("batch_size"):
+                label, color = "raw, %d processes side by side: %.0f" % (
+                    ref.get("processes") or 0, ref["items_per_s"]), "green"
             else:
                 continue
             axes[0][c].axhline(ref["items_per_s"], color=color, linestyle="dashed", label=label)
@@ -367,7 +375,7 @@ def main(argv=None):
                 failures.append({"system": skey, "workload": wkey, "error": "prepare: %s" % e})
     # workload by workload, so the raw predictor and the systems serving it are
     # measured close together in time (the machine is shared and drifts)
-    raws, cores = {}, os.cpu_count() or 1
+    raws, parallels, cores = {}, {}, os.cpu_count() or 1
     for wkey in wl_keys:
         wl = workloads.WORKLOADS[wkey]
         ctx = {"raw": None, "cores": cores}
@@ -378,6 +386,13 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001
                 log("FAILED raw predictor of %s: %s" % (wkey, e))
                 failures.append({"system": "raw-predictor", "workload": wkey, "error": str(e)})
+            if cores > 1:
+                try:
+                    parallels[wkey] = workloads.measure_raw(wl, a.quick, systems.SYSTEMS["ours"].python,
+                                                            log, cores, processes=cores)
+                except Exception as e:  # noqa: BLE001
+                    log("FAILED raw predictor of %s in %d processes: %s" % (wkey, cores, e))
+                    failures.append({"system": "raw-parallel", "workload": wkey, "error": str(e)})
         for skey in ready:
             if skey in wl.skip:
                 extras.append({"system": skey, "workload": wkey, "clients": None, "skipped": wl.skip[skey]})
@@ -395,12 +410,12 @@ def main(argv=None):
                 failures.append({"system": skey, "workload": wkey, "error": str(e)})
         if wl.extras:
             extras += wl.extras(a.quick)
-    extras += list(raws.values())
+    extras += list(raws.values()) + list(parallels.values())
 
-    add_ratios(rows, raws)
+    add_ratios(rows, raws, parallels)
     all_rows = rows + extras
     order = {k: i for i, k in enumerate(wl_keys)}
-    sorder = {k: i for i, k in enumerate(sys_keys + ["raw-predictor", "physical-limit"])}
+    sorder = {k: i for i, k in enumerate(sys_keys + ["raw-predictor", "raw-parallel", "physical-limit"])}
     all_rows.sort(key=lambda r: (order.get(r["workload"], 99), sorder.get(r["system"], 99),
                                  r.get("clients") or 0))
     # how long each system took to stop, per workload (ours: SIGTERM to the supervisor)

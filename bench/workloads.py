@@ -211,46 +211,66 @@ W2 = Workload(
 # --------------------------------------------------------------------------- #
 # the raw predictor of a model workload, measured in the same run
 # --------------------------------------------------------------------------- #
-def measure_raw(wl, quick, python=None, log=print, cores=None):
-    """Time the recipe's predictor in a plain loop, in a fresh process of `python`
+def measure_raw(wl, quick, python=None, log=print, cores=None, processes=1):
+    """Time the recipe's predictor in a plain loop, in fresh processes of `python`
     (the interpreter ours runs with, which has the recipes' requirements), on
     batches made of the very item(s) the workload's requests carry, at each batch
-    size of the sweep, with cores threads (OMP_NUM_THREADS and torch threads = the
-    machine's cores: what one prediction loop gets).  Returns the raw-predictor row
-    (best batch size and its items/s, plus the whole sweep)."""
+    size of the sweep.
+
+    processes=1 (the issue's baseline, row `raw-predictor`): one process with
+    cores threads (OMP_NUM_THREADS and torch threads = the machine's cores).
+    processes=N (row `raw-parallel`): N processes started together, each with
+    cores / N threads, running the same sweep side by side; items/s are summed
+    per batch size.  This is the most a layout of N prediction loops can serve.
+    Returns the row (best batch size and its items/s, plus the whole sweep)."""
     spec = wl.raw
     cores = cores or os.cpu_count() or 1
+    threads = max(1, cores // processes)
     sizes = spec["batch_sizes_quick" if quick else "batch_sizes"]
-    seconds = 0.5 if quick else 1.5
+    seconds = (0.5 if quick else 1.5) * (2 if processes > 1 else 1)  # longer: the runs start a little apart
     with tempfile.TemporaryDirectory(prefix="fdbench-raw-") as tmp:
-        inputs, out = os.path.join(tmp, "inputs.json"), os.path.join(tmp, "raw.json")
+        inputs = os.path.join(tmp, "inputs.json")
         with open(inputs, "w") as f:
             json.dump(spec["inputs"], f)
-        cmd = [python or sys.executable, os.path.join(BENCH, "raw_models.py"), "--recipes", spec["recipe"],
-               "--inputs", inputs, "--threads", str(cores), "--batch-sizes", ",".join(map(str, sizes)),
-               "--seconds", str(seconds), "--json", out]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
             env.pop(k, None)
         t0 = time.time()
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0 or not os.path.exists(out):
-            raise RuntimeError("raw predictor of %s failed:\n%s" % (wl.key, (r.stdout + r.stderr)[-2000:]))
-        with open(out) as f:
-            rep = json.load(f)["recipes"][0]
-    best = max(rep["results"], key=lambda x: x["items_per_s"])
-    log("%s raw predictor (%d threads, %.0fs): %s -> best batch %d: %.1f items/s" % (
-        wl.key, cores, time.time() - t0,
-        " ".join("%d:%.0f" % (x["batch_size"], x["items_per_s"]) for x in rep["results"]),
+        procs = []
+        for i in range(processes):
+            out = os.path.join(tmp, "raw%d.json" % i)
+            cmd = [python or sys.executable, os.path.join(BENCH, "raw_models.py"), "--recipes", spec["recipe"],
+                   "--inputs", inputs, "--threads", str(threads), "--batch-sizes", ",".join(map(str, sizes)),
+                   "--seconds", str(seconds), "--json", out]
+            procs.append((out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)))
+        reports = []
+        for out, proc in procs:
+            text, _ = proc.communicate(timeout=600)
+            if proc.returncode != 0 or not os.path.exists(out):
+                raise RuntimeError("raw predictor of %s failed:\n%s" % (wl.key, (text or "")[-2000:]))
+            with open(out) as f:
+                reports.append(json.load(f)["recipes"][0]["results"])
+    results = []
+    for per_size in zip(*reports):  # the same sweep in every process
+        results.append({"batch_size": per_size[0]["batch_size"],
+                        "items_per_s": sum(x["items_per_s"] for x in per_size),
+                        "ms_per_batch": sum(x["ms_per_batch"] for x in per_size) / len(per_size)})
+    best = max(results, key=lambda x: x["items_per_s"])
+    what = ("%d threads" % threads if processes == 1
+            else "%d processes x %d thread%s" % (processes, threads, "" if threads == 1 else "s"))
+    log("%s raw predictor (%s, %.0fs): %s -> best batch %d: %.1f items/s" % (
+        wl.key, what, time.time() - t0,
+        " ".join("%d:%.0f" % (x["batch_size"], x["items_per_s"]) for x in results),
         best["batch_size"], best["items_per_s"]))
     return {
-        "system": "raw-predictor", "workload": wl.key, "clients": None,
-        "items_per_s": best["items_per_s"], "rps": 1000.0 / best["ms_per_batch"],
-        "p50_ms": best["ms_per_batch"], "batch_size": best["batch_size"], "threads": cores,
-        "sweep": [{"batch_size": x["batch_size"], "items_per_s": x["items_per_s"],
-                   "ms_per_batch": x["ms_per_batch"]} for x in rep["results"]],
-        "note": "predictor(batch) in a plain loop, %d threads, best of batch sizes %s; "
-                "rps = calls/s, p50 = ms per call" % (cores, sizes),
+        "system": "raw-predictor" if processes == 1 else "raw-parallel", "workload": wl.key, "clients": None,
+        "items_per_s": best["items_per_s"], "rps": processes * 1000.0 / best["ms_per_batch"],
+        "p50_ms": best["ms_per_batch"], "batch_size": best["batch_size"], "threads": threads,
+        "processes": processes,
+        "sweep": results,
+        "note": "predictor(batch) in a plain loop, %s, best of batch sizes %s; "
+                "rps = calls/s, p50 = ms per call" % (what, sizes),
     }
 
 
@@ -261,18 +281,34 @@ W3_SENTENCE = "Batching several requests together makes inference faster on CPU.
 LITSERVE_BATCH_TIMEOUT = 0.005  # s; as in W2
 
 
+def _cores(ctx):
+    return ctx.get("cores") or os.cpu_count() or 1
+
+
 def _litserve_model_settings(ctx):
     raw = ctx.get("raw") or {}
     size = raw.get("batch_size") or 64  # 64 when the raw measurement failed
     return {
         "args": ["--max-batch-size", str(size), "--batch-timeout", str(LITSERVE_BATCH_TIMEOUT),
-                 "--workers-per-device", "1", "--num-api-servers", "1"],
-        "env": {"OMP_NUM_THREADS": str(ctx.get("cores") or os.cpu_count() or 1)},
+                 "--workers-per-device", str(_cores(ctx)), "--num-api-servers", "1"],
+        "env": {"OMP_NUM_THREADS": "1"},
         "batch_size": size,
         "note": "max_batch_size = the raw predictor's best batch size in this run (%s), batch_timeout "
-                "%g ms, one inference worker, one API server; OMP_NUM_THREADS = cores"
+                "%g ms, one inference worker per core with OMP_NUM_THREADS=1 (the layout ours runs "
+                "here), one API server"
                 % (size if raw else "64: raw measurement missing", LITSERVE_BATCH_TIMEOUT * 1000),
     }
+
+
+def _ours_model_settings(recipe):
+    def settings(ctx):
+        return {
+            "recipe": recipe,
+            "env": {"FASTDEPLOY_REPLICAS": str(_cores(ctx))},
+            "note": "one prediction loop per core (--replicas %d), so threads = cores / loops = 1 "
+                    "(ours' default); batch size measured by ours at start-up" % _cores(ctx),
+        }
+    return settings
 
 
 def _fd311_model_settings(recipe):
@@ -294,9 +330,9 @@ def _ours_rawbatch_settings(recipe):
             raise RuntimeError("no raw predictor measurement in this run: no batch size to fix")
         return {
             "recipe": recipe,
-            "env": {"BATCH_SIZE": str(raw["batch_size"])},
+            "env": {"BATCH_SIZE": str(raw["batch_size"]), "FASTDEPLOY_REPLICAS": str(_cores(ctx))},
             "note": "ours with BATCH_SIZE = the raw predictor's best batch size in this run (%d) instead "
-                    "of its own measurement; everything else default" % raw["batch_size"],
+                    "of its own measurement; one loop per core as `ours`" % raw["batch_size"],
         }
     return settings
 
@@ -318,11 +354,7 @@ W3 = Workload(
     clients=[16, 64],
     clients_quick=[16, 64],
     systems={
-        "ours": {
-            "recipe": os.path.join(MODEL_RECIPES, "minilm"),
-            "env": {},
-            "note": "batch size measured by ours at start-up; threads = cores / loop processes (ours' default)",
-        },
+        "ours": _ours_model_settings(os.path.join(MODEL_RECIPES, "minilm")),
         "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "minilm")),
         "fd311": _fd311_model_settings(os.path.join(MODEL_RECIPES, "minilm")),
         "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "minilm"), _litserve_model_settings),
@@ -355,11 +387,7 @@ W4 = Workload(
     clients=[16, 64],
     clients_quick=[16, 64],
     systems={
-        "ours": {
-            "recipe": os.path.join(MODEL_RECIPES, "vad"),
-            "env": {},
-            "note": "batch size measured by ours at start-up; threads = cores / loop processes (ours' default)",
-        },
+        "ours": _ours_model_settings(os.path.join(MODEL_RECIPES, "vad")),
         "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "vad")),
         "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "vad"), _litserve_model_settings),
     },

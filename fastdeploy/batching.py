@@ -65,13 +65,32 @@ def search_batch_size(
     return BatchChoice(chosen[0], chosen[1], tuple(trials))
 
 
-def fill_wait_seconds(have: int, batch_size: int, seconds_per_item: float, max_wait: float, busy: bool) -> float:
+def per_item_at(size: int, trials: Sequence[tuple[int, float]]) -> float:
+    """Measured seconds per input for a batch of ``size``: the largest measured size not above it."""
+    below = [(n, per_item) for n, per_item in trials if n <= size]
+    return max(below)[1] if below else min(trials)[1]
+
+
+def fill_wait_seconds(
+    have: int,
+    batch_size: int,
+    seconds_per_item: float,
+    max_wait: float,
+    busy: bool,
+    trials: Sequence[tuple[int, float]] = (),
+    tolerance: float = TOLERANCE,
+) -> float:
     """How long to wait for more inputs before predicting ``have`` of ``batch_size``.
 
     Never wait when the loop was idle (a lone request goes straight through) or the batch
-    is full; under load, wait up to ``max_wait`` times the time the missing inputs would take.
+    is full, nor when the measured ``trials`` show that ``have`` inputs already run within
+    ``tolerance`` of the chosen size's time per input: waiting would leave the model idle
+    for nothing (a model on one thread often gains little from batching). Otherwise, under
+    load, wait up to ``max_wait`` times the time the missing inputs would take.
     """
     if not busy or have >= batch_size or max_wait <= 0:
+        return 0.0
+    if len(trials) > 1 and per_item_at(have, trials) <= per_item_at(batch_size, trials) * (1.0 + tolerance):
         return 0.0
     return max_wait * seconds_per_item * (batch_size - have)
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from fastdeploy.jobs import (
     encode_stage_outputs,
 )
 from fastdeploy.recipe import Recipe, load_predictor
+from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
 
@@ -119,6 +118,7 @@ class PredictionLoop:
         self.stats = LoopStats()
         self.batch_size = max(1, settings.batch_size or 1)
         self.seconds_per_item = 0.0
+        self.trials: tuple[tuple[int, float], ...] = ()  # (batch size, seconds per input) measured at start-up
         self.ready = False
         self._stop = threading.Event()
         self._recorder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
@@ -126,6 +126,7 @@ class PredictionLoop:
         self._predictor: Optional[Callable[..., Any]] = None
         self._is_last = stage == recipe.stages - 1
         self._file_stage = recipe.is_file and stage == 0
+        self._scratch: Optional[Scratch] = None
 
     # -- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
@@ -153,6 +154,8 @@ class PredictionLoop:
             self._serve()
         finally:
             self._recorder.shutdown(wait=True)  # outcomes first, then let go of the jobs
+            if self._scratch is not None:
+                self._scratch.close()
             self._stop.set()
             heartbeat.join(timeout=5)
             try:
@@ -173,6 +176,7 @@ class PredictionLoop:
         else:
             choice = batching.search_batch_size(lambda n: self._measure(example, n), self.settings.max_batch_size)
             self.batch_size, self.seconds_per_item = choice.batch_size, choice.seconds_per_item
+            self.trials = choice.trials
             log.info("stage %d batch size search: %s", self.stage, choice.trials)
 
     def _example_inputs(self) -> list[Any]:
@@ -259,7 +263,9 @@ class PredictionLoop:
         cannot come until this batch is answered.
         """
         have = sum(j.n_items for j in jobs)
-        wait = batching.fill_wait_seconds(have, self.batch_size, self.seconds_per_item, self.settings.max_wait, busy)
+        wait = batching.fill_wait_seconds(
+            have, self.batch_size, self.seconds_per_item, self.settings.max_wait, busy, self.trials
+        )
         if wait < MIN_FILL_WAIT_SECONDS:
             return jobs  # a cheap model: another claim would cost more than the inputs it could add
         deadline = time.monotonic() + wait
@@ -284,7 +290,7 @@ class PredictionLoop:
         ``overlap``: under load, record on the recorder thread while the next batch is
         predicted; a lone batch is recorded right here (no thread hop on its way out).
         """
-        folders: list[Path] = []
+        written: list[tuple[Path, list[str]]] = []
         try:
             flat: list[Any] = []
             owners: list[int] = []  # job index of each flat input
@@ -297,9 +303,9 @@ class PredictionLoop:
                 try:
                     inputs, job_keys = decode_payload(job.payload)
                     if self._file_stage:
-                        folder = Path(tempfile.mkdtemp(prefix="fastdeploy-"))
-                        folders.append(folder)
-                        inputs = self._write_files(folder, inputs)
+                        folder, paths = self._scratch_folder().write(inputs)
+                        written.append((folder, paths))
+                        inputs = paths
                 except Exception as exc:  # a corrupt payload fails its own job only
                     failures[index] = f"could not prepare the inputs: {_describe(exc)}"
                     inputs = []
@@ -316,8 +322,8 @@ class PredictionLoop:
                 for i, job in enumerate(jobs)
             ]
         finally:
-            for folder in folders:  # before the answer goes out: files never outlive their request
-                shutil.rmtree(folder, ignore_errors=True)
+            for folder, paths in written:  # before the answer goes out: files never outlive their request
+                Scratch.remove(folder, paths)
         self.stats.failed_jobs += len(failures)
         if overlap:
             self._hand_over(outcomes)
@@ -325,6 +331,11 @@ class PredictionLoop:
             if self._recording is not None:
                 self._recording.result()  # keep outcomes in order with the recorder's
             self._record(outcomes)
+
+    def _scratch_folder(self) -> Scratch:
+        if self._scratch is None:
+            self._scratch = Scratch()
+        return self._scratch
 
     def _hand_over(self, outcomes: Sequence[Outcome]) -> None:
         """Record outcomes on the recorder thread while the next batch is predicted.
@@ -351,20 +362,6 @@ class PredictionLoop:
                 log.warning("cannot record %d outcome(s) (retrying): %s", len(outcomes), exc.reason)
             self._stop.wait(delay)
             delay = min(2 * delay, 5.0)
-
-    @staticmethod
-    def _write_files(folder: Path, files: list[Any]) -> list[str]:
-        """Write a request's files into its own folder; names are base names (checked again
-        here, since a shared store may hold jobs from API servers we do not control)."""
-        paths = []
-        for name, content in files:
-            base = os.path.basename(str(name).replace("\\", "/"))
-            if base in ("", ".", "..") or "\x00" in base:
-                raise ValueError(f"unusable file name {name!r}")
-            path = folder / base
-            path.write_bytes(content)
-            paths.append(str(path))
-        return paths
 
     def _predict_range(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import ipaddress
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import orjson
+import pybase64
 
 from fastdeploy.errors import BadRequest, PayloadTooLarge
 
@@ -60,7 +60,7 @@ def _decode_files(data: dict[str, Any]) -> tuple[list[Any], list[str]]:
         if not isinstance(encoded, str):
             raise BadRequest(f"file {key!r}: the value must be a base64 string, not {type(encoded).__name__}")
         try:
-            raw = base64.b64decode(encoded, validate=True)
+            raw = pybase64.b64decode(encoded, validate=True)  # SIMD: ~50x CPython's strict decoder
         except (binascii.Error, ValueError) as exc:
             raise BadRequest(f"file {key!r} is not valid base64 ({exc}); encode it with base64.b64encode") from None
         inputs.append([base, raw])

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     stage INTEGER NOT NULL,
     status TEXT NOT NULL,
     priority INTEGER NOT NULL,
-    payload BLOB,
+    payload BLOB,  -- inputs up to _INLINE_PAYLOAD bytes; larger ones live in payloads
     n_items INTEGER NOT NULL,
     deadline REAL,
     webhook TEXT,
@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(stage, priority, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(worker) WHERE status = 'processing';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+CREATE TABLE IF NOT EXISTS payloads (
+    id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     worker_id TEXT PRIMARY KEY,
     stage INTEGER NOT NULL,
@@ -76,6 +80,16 @@ CREATE TABLE IF NOT EXISTS webhooks (
 _API_ROLE = "api"
 _LOCK_WAIT_SECONDS = 30.0  # longest a write waits for another writer before 503
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
+
+
+_INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
+
+
+def _inline(payload: bytes) -> Optional[bytes]:
+    """Small inputs stay in the job's row (one write less per request); large ones go to the
+    payloads table, because SQLite rewrites a whole row whenever its size changes, and every
+    status change (claim, requeue) would copy a large input again."""
+    return payload if len(payload) <= _INLINE_PAYLOAD else None
 
 
 def _stage_role(stage: int) -> str:
@@ -195,8 +209,11 @@ class SQLiteStore(Store):
             db.executemany(
                 "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, created)"
                 " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?)",
-                [(j.id, j.priority, j.payload, j.n_items, j.deadline, j.webhook, now) for j in jobs],
+                [(j.id, j.priority, _inline(j.payload), j.n_items, j.deadline, j.webhook, now) for j in jobs],
             )
+            large = [(j.id, j.payload) for j in jobs if _inline(j.payload) is None]
+            if large:
+                db.executemany("INSERT INTO payloads (id, data) VALUES (?, ?)", large)
             self._ring_after_commit(_stage_role(0))
 
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
@@ -256,8 +273,9 @@ class SQLiteStore(Store):
             items = 0
             while True:  # another round only when every row read was claimed or timed out
                 rows = db.execute(
-                    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
-                    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
+                    "SELECT j.seq, j.id, coalesce(j.payload, p.data), j.n_items, j.deadline, j.webhook FROM jobs j"
+                    " LEFT JOIN payloads p ON p.id = j.id"
+                    " WHERE j.status = 'queued' AND j.stage = ? ORDER BY j.priority, j.seq LIMIT ?",
                     (stage, limit),
                 ).fetchall()
                 taken: list[int] = []
@@ -270,7 +288,7 @@ class SQLiteStore(Store):
                     if claimed and items + n_items > max_items:
                         full = True
                         break
-                    claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
+                    claimed.append(ClaimedJob(job_id, stage, payload or b"", n_items, deadline))
                     taken.append(seq)
                     items += n_items
                 if taken:
@@ -300,6 +318,7 @@ class SQLiteStore(Store):
             " finished = ? WHERE id = ? AND stage = ?",
             (reason, error_status, now, job_id, stage),
         )
+        db.execute("DELETE FROM payloads WHERE id = ?", (job_id,))
         if webhook:
             self._queue_webhook(db, job_id, webhook, result_document(job_id, JobStatus.FAILED, None, reason), now)
 
@@ -321,9 +340,12 @@ class SQLiteStore(Store):
                     cursor = db.execute(
                         "UPDATE jobs SET stage = ?, status = 'queued', payload = ?, n_items = ?, worker = NULL,"
                         f" lease_until = NULL WHERE id = ? AND stage = ? AND {live}",
-                        (out.stage + 1, out.payload, out.n_items, out.id, out.stage),
+                        (out.stage + 1, _inline(out.payload), out.n_items, out.id, out.stage),
                     )
                     if cursor.rowcount:
+                        db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
+                        if _inline(out.payload) is None:
+                            db.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (out.id, out.payload))
                         next_stages.add(out.stage + 1)
                     continue
                 row = db.execute(
@@ -337,6 +359,7 @@ class SQLiteStore(Store):
                         " WHERE id = ?",
                         (out.result, now, out.id),
                     )
+                    db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
                     if row[0]:
                         body = result_document(out.id, JobStatus.DONE, out.result, None)
                         self._queue_webhook(db, out.id, row[0], body, now)

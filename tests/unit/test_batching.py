@@ -1,4 +1,4 @@
-from fastdeploy.batching import cycle_to, fill_wait_seconds, search_batch_size
+from fastdeploy.batching import cycle_to, fill_wait_seconds, per_item_at, search_batch_size
 
 
 def test_search_takes_the_smallest_size_near_the_best_time_per_input():
@@ -39,3 +39,23 @@ def test_wait_under_load_scales_with_missing_inputs():
 
 def test_cycle_to_repeats_the_example():
     assert cycle_to([1, 2, 3], 7) == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_no_wait_when_the_inputs_in_hand_already_run_near_the_best_time_per_input():
+    flat = ((1, 0.0050), (2, 0.0049), (4, 0.0048), (8, 0.0048), (16, 0.0048))  # one thread: batching gains little
+    assert fill_wait_seconds(4, 16, 0.0048, 0.5, busy=True, trials=flat) == 0.0
+    assert fill_wait_seconds(1, 16, 0.0048, 0.5, busy=True, trials=flat) == 0.0  # 4 % off: within tolerance
+
+
+def test_wait_when_a_fuller_batch_is_clearly_cheaper_per_input():
+    steep = ((1, 0.0115), (2, 0.0080), (4, 0.0060), (8, 0.0048), (16, 0.0045))
+    assert abs(fill_wait_seconds(2, 16, 0.0045, 0.5, busy=True, trials=steep) - 0.5 * 0.0045 * 14) < 1e-9
+    assert fill_wait_seconds(8, 16, 0.0045, 0.5, busy=True, trials=steep) > 0.0  # 6.7 % slower than at 16
+    assert fill_wait_seconds(12, 16, 0.0045, 0.5, busy=True, trials=steep) > 0.0  # measured size below it: 8
+
+
+def test_per_item_at_uses_the_largest_measured_size_not_above():
+    trials = ((1, 0.010), (4, 0.006), (16, 0.004))
+    assert per_item_at(3, trials) == 0.010
+    assert per_item_at(4, trials) == 0.006
+    assert per_item_at(100, trials) == 0.004
