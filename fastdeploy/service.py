@@ -64,7 +64,15 @@ class StoreBridge:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def submit(self, job: NewJob) -> None:
+    async def submit(self, job: NewJob, alone: bool = False) -> None:
+        """Write ``job``; ``alone`` (no other request in flight) writes it right now when the
+        store is free, instead of at the end of this event-loop turn."""
+        if alone and not self._turn_flush_scheduled and not self._thread_flush_scheduled and not self._pending:
+            try:
+                if self.store.try_submit([job]):
+                    return
+            except Exception as exc:  # the grouped path below reports real errors
+                log.debug("immediate submit failed: %s", exc)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
@@ -276,7 +284,7 @@ class Service:
         watch = _Watch(client_gone, waiter)
         start_watch = loop.call_later(WATCH_CLIENT_AFTER_SECONDS, watch.start) if client_gone is not None else None
         try:
-            await self.bridge.submit(job)
+            await self.bridge.submit(job, alone=len(self._waiters) == 1)
             self._unfinished += 1
             view = await waiter
         except SyncTimeout:

@@ -32,7 +32,7 @@ from fastdeploy.store.bells import Bell, bell_folder
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- rowid: never reused while a row with a higher one exists
     id TEXT NOT NULL UNIQUE,
     stage INTEGER NOT NULL,
     status TEXT NOT NULL,
@@ -273,9 +273,8 @@ class SQLiteStore(Store):
             items = 0
             while True:  # another round only when every row read was claimed or timed out
                 rows = db.execute(
-                    "SELECT j.seq, j.id, coalesce(j.payload, p.data), j.n_items, j.deadline, j.webhook FROM jobs j"
-                    " LEFT JOIN payloads p ON p.id = j.id"
-                    " WHERE j.status = 'queued' AND j.stage = ? ORDER BY j.priority, j.seq LIMIT ?",
+                    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
+                    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
                     (stage, limit),
                 ).fetchall()
                 taken: list[int] = []
@@ -288,7 +287,10 @@ class SQLiteStore(Store):
                     if claimed and items + n_items > max_items:
                         full = True
                         break
-                    claimed.append(ClaimedJob(job_id, stage, payload or b"", n_items, deadline))
+                    if payload is None:  # a large input: in its own table
+                        row = db.execute("SELECT data FROM payloads WHERE id = ?", (job_id,)).fetchone()
+                        payload = row[0] if row is not None else b""
+                    claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
                     taken.append(seq)
                     items += n_items
                 if taken:
