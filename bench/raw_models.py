@@ -11,7 +11,7 @@ own requirements installed in the running interpreter.
     python bench/raw_models.py --recipes vad --seconds 0.5 --json /tmp/raw.json
     python bench/raw_models.py --recipes recipes/ocr --max-batch 4
     python bench/raw_models.py --recipes minilm --inputs items.json --threads 2 \
-        --batch-sizes 1,16,32,64 --json /tmp/raw.json
+        --batch-sizes 1,16,32,64 --json /tmp/raw.json --rounds 2
 
 --inputs FILE replaces the example with a JSON list of inputs (file recipes:
 paths, relative ones resolved against the recipe folder); bench/run.py uses it
@@ -97,15 +97,21 @@ def measure(predict, items, batch_size, seconds, min_calls):
     }
 
 
-def bench_recipe(recipe, batch_sizes, seconds, min_calls, inputs=None, threads=None):
+def bench_recipe(recipe, batch_sizes, seconds, min_calls, inputs=None, threads=None, rounds=1):
     folder, predict, items, load_s = load_recipe(recipe, inputs)
     limit_torch_threads(threads)
     print(f"\n== {os.path.relpath(folder, ROOT)}  (import+load {load_s:.2f} s, "
           f"{len(items)} {'example' if inputs is None else 'given'} items cycled)")
     print(f"{'batch':>6} {'items/s':>10} {'ms/batch':>10} {'ms/item':>9} {'calls':>6}")
+    best_of = {}
+    for _ in range(max(1, rounds)):  # the whole sweep again: a passing disturbance hits one round only
+        for bs in batch_sizes:
+            r = measure(predict, items, bs, seconds, min_calls)
+            if bs not in best_of or r["items_per_s"] > best_of[bs]["items_per_s"]:
+                best_of[bs] = r
     rows = []
     for bs in batch_sizes:
-        r = measure(predict, items, bs, seconds, min_calls)
+        r = best_of[bs]
         rows.append(r)
         print(f"{bs:>6} {r['items_per_s']:>10.1f} {r['ms_per_batch']:>10.2f} "
               f"{r['ms_per_item']:>9.3f} {r['calls']:>6}", flush=True)
@@ -132,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--inputs", metavar="FILE",
                     help="JSON list of inputs to cycle instead of each recipe's example")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS & co. and torch threads (default: as set)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the whole sweep this many times and keep each size's best (default 1)")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = ap.parse_args(argv)
 
@@ -157,7 +165,7 @@ def main(argv=None):
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         try:
             report["recipes"].append(bench_recipe(recipe, batch_sizes, args.seconds, args.min_calls,
-                                                  inputs, args.threads))
+                                                  inputs, args.threads, args.rounds))
         except Exception as e:
             failed = True
             print(f"\n== {recipe}: SKIPPED ({type(e).__name__}: {e})", file=sys.stderr)

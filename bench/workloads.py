@@ -211,6 +211,9 @@ W2 = Workload(
 # --------------------------------------------------------------------------- #
 # the raw predictor of a model workload, measured in the same run
 # --------------------------------------------------------------------------- #
+RAW_ROUNDS = 2  # the sweep runs twice and each size keeps its best: one disturbance does not lower the target
+
+
 def measure_raw(wl, quick, python=None, log=print, cores=None, processes=1):
     """Time the recipe's predictor in a plain loop, in fresh processes of `python`
     (the interpreter ours runs with, which has the recipes' requirements), on
@@ -241,7 +244,7 @@ def measure_raw(wl, quick, python=None, log=print, cores=None, processes=1):
             out = os.path.join(tmp, "raw%d.json" % i)
             cmd = [python or sys.executable, os.path.join(BENCH, "raw_models.py"), "--recipes", spec["recipe"],
                    "--inputs", inputs, "--threads", str(threads), "--batch-sizes", ",".join(map(str, sizes)),
-                   "--seconds", str(seconds), "--json", out]
+                   "--seconds", str(seconds), "--rounds", str(RAW_ROUNDS), "--json", out]
             procs.append((out, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)))
         reports = []

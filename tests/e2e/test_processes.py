@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,3 +63,92 @@ def test_pip_install_in_a_fresh_venv_then_run(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def _api_pids(server) -> list[int]:
+    pids = []
+    for pid in server.children():
+        try:
+            if b"_api" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                pids.append(pid)
+        except OSError:  # a process that has just exited
+            continue
+    return pids
+
+
+def _established_connections(pid: int, port: int) -> int:
+    """TCP connections on the server's port that the process holds (from /proc, no tools needed)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:  # 01 = ESTABLISHED
+                count += 1
+    return count
+
+
+def _wait_until_dead(pid: int) -> None:
+    """Until the process has exited (a zombie has closed its sockets too)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} did not exit")
+
+
+def _open_clients(server, n: int) -> list:
+    import requests
+
+    sessions = [requests.Session() for _ in range(n)]
+
+    def first(i: int) -> bool:  # keep-alive: each session keeps its connection
+        return sessions[i].post(f"http://127.0.0.1:{server.port}/sync", json={"data": [i]}, timeout=30).json()["success"]
+
+    with ThreadPoolExecutor(n) as pool:  # all at once, as a load generator or a client pool connects
+        assert all(pool.map(first, range(n)))
+    return sessions
+
+
+def test_connections_are_spread_over_the_api_processes_and_survive_one_dying():
+    with serve(RECIPES / "echo", env={"WORKERS": "2"}) as server:
+        apis = _api_pids(server)
+        assert len(apis) == 2
+        sessions = _open_clients(server, 16)
+        counts = [_established_connections(pid, server.port) for pid in apis]
+        assert sum(counts) == 16 and min(counts) >= 2, counts  # a shared socket gave 13 / 3 here
+        for s in sessions:
+            s.close()
+        os.kill(apis[0], 9)
+        _wait_until_dead(apis[0])
+        time.sleep(0.2)  # the kernel drops a closed listener from the port's group within moments
+        # new connections go to the live process at once, while the dead one restarts
+        import requests
+
+        url = f"http://127.0.0.1:{server.port}/sync"
+        answers = [requests.post(url, json={"data": [i]}, headers={"Connection": "close"}, timeout=30).json()
+                   for i in range(20)]
+        assert [a["prediction"] for a in answers] == [[i] for i in range(20)]
+        deadline = time.monotonic() + 30
+        while len(_api_pids(server)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        restarted = _api_pids(server)
+        assert len(restarted) == 2 and apis[0] not in restarted
+        sessions = _open_clients(server, 16)
+        counts = [_established_connections(pid, server.port) for pid in restarted]
+        assert sum(counts) == 16 and min(counts) >= 2, counts
+        for s in sessions:
+            s.close()
