@@ -33,6 +33,7 @@ T = TypeVar("T")
 CLIENT_GONE_REASON = "the client closed the connection before the answer; the request was not predicted"
 WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watching its connection
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
+WRITE_AT_ONCE_BYTES = 32 * 1024  # jobs this large are not held for the event-loop turn's group commit
 SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
 
 
@@ -66,7 +67,10 @@ class StoreBridge:
 
     async def submit(self, job: NewJob, alone: bool = False) -> None:
         """Write ``job``; ``alone`` (no other request in flight) writes it right now when the
-        store is free, instead of at the end of this event-loop turn."""
+        store is free, instead of at the end of this event-loop turn. So does a large job:
+        grouping saves a commit, which is little beside writing its bytes, and waiting for
+        the turn's other requests to be parsed first delays it by milliseconds."""
+        alone = alone or len(job.payload) >= WRITE_AT_ONCE_BYTES
         if alone and not self._turn_flush_scheduled and not self._thread_flush_scheduled and not self._pending:
             try:
                 if self.store.try_submit([job]):
