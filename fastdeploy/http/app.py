@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
 from fastdeploy.http.openapi import openapi_document
@@ -24,7 +25,7 @@ from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
 from fastdeploy.payloads import parse_request, parse_unique_id
 from fastdeploy.recipe import Recipe
-from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
+from fastdeploy.service import SNAPSHOT_SECONDS, Service
 from fastdeploy.settings import Settings
 from fastdeploy.store import open_store
 from fastdeploy.webhooks import WebhookSender
@@ -32,6 +33,7 @@ from fastdeploy.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+ONLY_ASYNC_REASON = "this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -39,9 +41,62 @@ def json_response(status: int, body: bytes, headers: dict[str, str] | None = Non
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
-def error_response(exc: FastDeployError) -> Response:
+def _error_parts(exc: FastDeployError) -> tuple[int, bytes, Optional[dict[str, str]]]:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return json_response(exc.status, orjson.dumps({"success": False, "reason": exc.reason}), headers)
+    return exc.status, orjson.dumps({"success": False, "reason": exc.reason}), headers
+
+
+def error_response(exc: FastDeployError) -> Response:
+    return json_response(*_error_parts(exc))
+
+
+_INTERNAL_ERROR = b'{"success":false,"reason":"internal server error; see the server log"}'
+
+
+class _AsgiEndpoint:
+    """Lets Starlette route to a plain ASGI function (it wraps bare functions as request handlers)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
+class _ClientLeft(Exception):
+    """The client closed the connection before its body arrived."""
+
+
+async def _read_asgi_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """As read_body, straight from ASGI messages."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"the request body is {int(value)} bytes; the limit is {limit} bytes (max_body_mb)")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientLeft()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes (max_body_mb)")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def _asgi_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: Optional[dict[str, str]] = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -59,14 +114,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _disconnected(request: Request) -> None:
-    """Completes when the client closes the connection (the body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> Starlette:
+def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:
     """The ASGI app of one API server process; the store opens when the app starts.
+
+    ``POST /sync`` is answered by a plain ASGI handler in front of Starlette: it is the
+    request a synchronous client makes every time, and Starlette's middleware, routing
+    and Request/Response objects were a large share of its cost (py-spy, W1 at 64
+    clients). Every other route, and every other method on /sync, goes to Starlette.
 
     ``metrics_dir``: the folder the API server processes of one service share their
     request metrics through (see ``Metrics``).
@@ -88,7 +142,7 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
                 response = error_response(exc)
             except Exception:  # the boundary: log the trace, answer without it
                 log.exception("unexpected error on %s", endpoint)
-                response = json_response(500, b'{"success":false,"reason":"internal server error; see the server log"}')
+                response = json_response(500, _INTERNAL_ERROR)
             metrics().observe(endpoint, response.status_code, time.perf_counter() - started)
             return response
 
@@ -96,16 +150,6 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
 
     file_mode = recipe.is_file
     limit = settings.max_body_bytes
-
-    async def sync(request: Request) -> Response:
-        if settings.only_async:
-            raise BadRequest("this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction")
-        parsed = parse_request(
-            await read_body(request, limit), file_mode=file_mode, sync=True,
-            max_items=settings.max_per_client_batch,
-        )
-        answer: Answer = await service().predict_sync(parsed, functools.partial(_disconnected, request))
-        return json_response(answer.status, answer.body)
 
     async def async_(request: Request) -> Response:
         parsed = parse_request(
@@ -165,7 +209,8 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
             store.close()
 
     routes = [
-        Route("/sync", measured("sync", sync), methods=["POST"]),
+        # POST /sync is answered before Starlette (below); the route makes other methods a 405
+        Route("/sync", _AsgiEndpoint(lambda *asgi: sync_front_door(*asgi)), methods=["POST"]),
         Route("/async", measured("async", async_), methods=["POST"]),
         Route("/result", measured("result", result), methods=["POST"]),
         Route("/health", measured("health", health), methods=["GET"]),
@@ -174,7 +219,37 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    framework = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+    async def sync_front_door(scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers: Optional[dict[str, str]] = None
+        try:
+            if settings.only_async:
+                raise BadRequest(ONLY_ASYNC_REASON)
+            parsed = parse_request(
+                await _read_asgi_body(scope, receive, limit), file_mode=file_mode, sync=True,
+                max_items=settings.max_per_client_batch,
+            )
+            answer = await service().predict_sync(parsed, functools.partial(_asgi_disconnected, receive))
+            status, body = answer.status, answer.body
+        except _ClientLeft:
+            status, body = 499, b""  # nobody reads it
+        except FastDeployError as exc:
+            status, body, headers = _error_parts(exc)
+        except Exception:  # the boundary: log the trace, answer without it
+            log.exception("unexpected error on sync")
+            status, body = 500, _INTERNAL_ERROR
+        metrics().observe("sync", status, time.perf_counter() - started)
+        await _send_json(send, status, body, headers)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sync":
+            await sync_front_door(scope, receive, send)
+        else:
+            await framework(scope, receive, send)
+
+    return app
 
 
 async def _refresh_forever(svc: Service) -> None:
