@@ -177,3 +177,19 @@ def test_a_sync_client_that_leaves_is_not_predicted_for(tmp_path):
         predicted = [json.loads(line)["inputs"] for line in log.read_text().splitlines()]
         assert predicted == [["occupy"]]
         assert server.post("/sync", {"data": ["next"]}).json()["prediction"][0]["echo"] == "next"
+
+
+def test_a_client_that_leaves_halfway_through_its_body_breaks_nothing():
+    import socket
+
+    from tests.helpers import RECIPES
+
+    with serve(RECIPES / "echo") as server:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as conn:
+                conn.sendall(b"POST /sync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{\"data\": [")
+                time.sleep(0.1)  # the server has the headers and part of the body; then the client is gone
+        assert server.post("/sync", {"data": ["after"]}).json()["prediction"] == ["after"]
+        assert "unexpected error" not in server.log() and "Traceback" not in server.log()
+        assert 'fastdeploy_requests_total{endpoint="sync",status="200"} 1.0' in server.get("/metrics").text
