@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastdeploy.errors import FastDeployError
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
 from fastdeploy.store import Store, open_store
@@ -88,10 +89,11 @@ class Supervisor:
             signal.signal(sig, self.request_stop)
         self._store = open_store(self.settings.broker, self.settings.state_path)
         try:
+            if self.serve_api:  # first: a second instance on a taken port must not touch the first's jobs
+                self._bind()
             if self.run_loops and not self.settings.broker:
                 self._release_previous_workers()
             if self.serve_api:
-                self._bind()
                 self._fresh_metrics_dir()
             self._start_children()
             while not self._stop.wait(WATCH_SECONDS):
@@ -136,16 +138,37 @@ class Supervisor:
         one of two servers was measured here.
         """
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        port = self.settings.port
+        if _REUSE_PORT is not None:
+            # a plain bind first: SO_REUSEPORT alone would let a second fastDeploy on this
+            # port join the first one's sockets and take half of its connections
+            probe = socket.socket(family, socket.SOCK_STREAM)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.settings.host, port))
+                port = probe.getsockname()[1]
+            except OSError as exc:
+                raise FastDeployError(self._port_taken(exc)) from None
+            finally:
+                probe.close()
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if _REUSE_PORT is not None:
             listener.setsockopt(socket.SOL_SOCKET, _REUSE_PORT, 1)
-        listener.bind((self.settings.host, self.settings.port))
+        try:
+            listener.bind((self.settings.host, port))
+        except OSError as exc:
+            listener.close()
+            raise FastDeployError(self._port_taken(exc)) from None
         if _REUSE_PORT is None:
             listener.listen(4096)
             listener.set_inheritable(True)
         self._listener = listener
         log.info("fastDeploy: serving %r on http://%s:%d", self.recipe.name, self.settings.host, self.port)
+
+    def _port_taken(self, exc: OSError) -> str:
+        return (f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror or exc}); "
+                "another program (or another fastDeploy) uses it: stop it or choose --port")
 
     def _api_socket(self) -> socket.socket:
         """The socket an API server accepts on: its own where SO_REUSEPORT exists, else the shared one."""

@@ -152,3 +152,18 @@ def test_connections_are_spread_over_the_api_processes_and_survive_one_dying():
         assert sum(counts) == 16 and min(counts) >= 2, counts
         for s in sessions:
             s.close()
+
+
+def test_a_second_service_on_the_same_port_is_refused_and_leaves_the_first_alone(tmp_path):
+    with serve(RECIPES / "echo", env={"WORKERS": "2"}) as first:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
+        env["FASTDEPLOY_STATE_DIR"] = str(first.state_dir)  # the same state folder too
+        second = subprocess.run(
+            [sys.executable, "-m", "fastdeploy", "run", str(RECIPES / "echo"), "--host", "127.0.0.1",
+             "--port", str(first.port)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        assert "cannot listen on 127.0.0.1:%d" % first.port in second.stderr and "Traceback" not in second.stderr
+        assert len(_api_pids(first)) == 2
+        assert first.post("/sync", {"data": ["still mine"]}).json()["prediction"] == ["still mine"]
