@@ -348,6 +348,18 @@ def _with_recipe(recipe, fn):
     return settings
 
 
+def _model_systems(recipe, fd311):
+    """The systems serving a real-model recipe (fd311 only where it can take the requests)."""
+    systems = {
+        "ours": _ours_model_settings(recipe),
+        "ours-rawbatch": _ours_rawbatch_settings(recipe),
+        "litserve": _with_recipe(recipe, _litserve_model_settings),
+    }
+    if fd311:
+        systems["fd311"] = _fd311_model_settings(recipe)
+    return systems
+
+
 W3 = Workload(
     key="w3",
     name="minilm",
@@ -356,12 +368,7 @@ W3 = Workload(
     items_per_request=1,
     clients=[16, 64],
     clients_quick=[16, 64],
-    systems={
-        "ours": _ours_model_settings(os.path.join(MODEL_RECIPES, "minilm")),
-        "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "minilm")),
-        "fd311": _fd311_model_settings(os.path.join(MODEL_RECIPES, "minilm")),
-        "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "minilm"), _litserve_model_settings),
-    },
+    systems=_model_systems(os.path.join(MODEL_RECIPES, "minilm"), fd311=True),
     raw={"recipe": os.path.join(MODEL_RECIPES, "minilm"), "inputs": [W3_SENTENCE],
          "batch_sizes": [1, 8, 16, 32, 64, 128, 256], "batch_sizes_quick": [16, 32, 64, 128]},
     requirements=MODEL_REQUIREMENTS,
@@ -389,11 +396,7 @@ W4 = Workload(
     items_per_request=1,
     clients=[16, 64],
     clients_quick=[16, 64],
-    systems={
-        "ours": _ours_model_settings(os.path.join(MODEL_RECIPES, "vad")),
-        "ours-rawbatch": _ours_rawbatch_settings(os.path.join(MODEL_RECIPES, "vad")),
-        "litserve": _with_recipe(os.path.join(MODEL_RECIPES, "vad"), _litserve_model_settings),
-    },
+    systems=_model_systems(os.path.join(MODEL_RECIPES, "vad"), fd311=False),
     skip={"fd311": "3.1.1 has no FILE inputs: /sync takes a JSON/msgpack/pickle list and answers 400 "
                    "'inputs have to be a list or tuple' to {\"data\": {\"name.wav\": \"<base64>\"}}; "
                    "its loop only ever passes the decoded list to the predictor"},

@@ -67,8 +67,8 @@ class _ClientLeft(Exception):
     """The client closed the connection before its body arrived."""
 
 
-async def _read_asgi_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """As read_body, straight from ASGI messages."""
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The body, refusing (413) anything over the limit before reading it all."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise PayloadTooLarge(f"the request body is {int(value)} bytes; the limit is {limit} bytes (max_body_mb)")
@@ -99,21 +99,6 @@ async def _send_json(send: Send, status: int, body: bytes, headers: Optional[dic
     await send({"type": "http.response.body", "body": body})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) anything over the limit before reading it all."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit} bytes (max_body_mb)")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes (max_body_mb)")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:
     """The ASGI app of one API server process; the store opens when the app starts.
 
@@ -140,6 +125,8 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
                 response = await handler(request)
             except FastDeployError as exc:
                 response = error_response(exc)
+            except _ClientLeft:
+                response = json_response(499, b"")  # nobody reads it
             except Exception:  # the boundary: log the trace, answer without it
                 log.exception("unexpected error on %s", endpoint)
                 response = json_response(500, _INTERNAL_ERROR)
@@ -153,14 +140,14 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
 
     async def async_(request: Request) -> Response:
         parsed = parse_request(
-            await read_body(request, limit), file_mode=file_mode, sync=False,
+            await read_body(request.scope, request.receive, limit), file_mode=file_mode, sync=False,
             max_items=settings.max_per_client_batch, allowed_webhook_hosts=settings.allowed_webhook_hosts,
         )
         unique_id = await service().submit_async(parsed)
         return json_response(200, b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b"}")
 
     async def result(request: Request) -> Response:
-        answer = await service().result(parse_unique_id(await read_body(request, limit)))
+        answer = await service().result(parse_unique_id(await read_body(request.scope, request.receive, limit)))
         return json_response(answer.status, answer.body)
 
     async def health(request: Request) -> Response:
@@ -228,7 +215,7 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
             if settings.only_async:
                 raise BadRequest(ONLY_ASYNC_REASON)
             parsed = parse_request(
-                await _read_asgi_body(scope, receive, limit), file_mode=file_mode, sync=True,
+                await read_body(scope, receive, limit), file_mode=file_mode, sync=True,
                 max_items=settings.max_per_client_batch,
             )
             answer = await service().predict_sync(parsed, functools.partial(_asgi_disconnected, receive))
