@@ -11,8 +11,9 @@ from __future__ import annotations
 import enum
 import os
 import pickle
+import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import msgpack
 import orjson
@@ -38,8 +39,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def new_job_id() -> str:
-    """128 random bits as 32 hex digits (the shape of a uuid4's hex, at a fifth of its cost)."""
-    return os.urandom(16).hex()
+    """32 hex digits: the time in microseconds (13), then 76 random bits (19).
+
+    Ids that grow with time land at the right-hand end of the store's id index, so a group
+    of new jobs dirties one or two index pages instead of one random page per job (with
+    purely random ids, every accepted request cost a 4 KB page write to SQLite's WAL).
+    """
+    return f"{time.time_ns() // 1000:013x}{os.urandom(10).hex()[1:]}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class NewJob:
     priority: int
     deadline: Optional[float] = None  # wall-clock time after which nobody waits (sync)
     webhook: Optional[str] = None
+    waited: bool = False  # a /sync request in the submitting API server waits for the outcome
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,10 @@ class JobView:
     result: Optional[bytes] = None  # JSON bytes of the prediction, when done
     reason: Optional[str] = None  # when failed
     error_status: int = 500  # HTTP status a /sync waiter answers a failure with
+
+
+# News of a finished job: its outcome carried whole, or just its id (read it from the store).
+ResultNews = Union[JobView, str]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,16 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 import orjson
 
 from fastdeploy.errors import FastDeployError, StoreUnavailable, Unavailable
-from fastdeploy.jobs import JobStatus, JobView, NewJob, WorkerInfo, encode_inputs, new_job_id, result_document
+from fastdeploy.jobs import (
+    JobStatus,
+    JobView,
+    NewJob,
+    ResultNews,
+    WorkerInfo,
+    encode_inputs,
+    new_job_id,
+    result_document,
+)
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
@@ -259,8 +268,12 @@ class Service:
             )
 
     def _new_job(self, request: ParsedRequest, deadline: Optional[float]) -> NewJob:
+        """A /sync job (one with a deadline) is waited for here: the store sends its outcome back to this process."""
         payload = encode_inputs(request.inputs, request.keys)
-        return NewJob(new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook)
+        return NewJob(
+            new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook,
+            waited=deadline is not None,
+        )
 
     async def submit_async(self, request: ParsedRequest) -> str:
         self._check_capacity()
@@ -327,11 +340,23 @@ class Service:
     # -- results: rings on the event loop (local stores) -----------------------
     def _on_ring(self) -> None:
         try:
-            wanted = [i for i in self.store.take_result_rings() if i in self._waiters]
+            carried, wanted = self._sort_news(self.store.take_result_rings())
+            self._resolve(carried)
             if wanted:
                 self._resolve([v for v in self.store.get(wanted).values() if v.status.finished])
         except Exception as exc:  # the poll task covers whatever a failed read missed
             log.warning("reading results after a ring failed: %s", exc)
+
+    def _sort_news(self, news: Sequence[ResultNews]) -> tuple[list[JobView], list[str]]:
+        """Outcomes that came whole, and the ids of waited-for jobs whose outcome must be read."""
+        carried: list[JobView] = []
+        wanted: list[str] = []
+        for item in news:
+            if isinstance(item, JobView):
+                carried.append(item)
+            elif item in self._waiters:
+                wanted.append(item)
+        return carried, wanted
 
     async def _poll_waiters(self) -> None:
         """The fallback for lost rings: look at every waiting job now and then."""
@@ -351,19 +376,16 @@ class Service:
         last_poll = time.monotonic()
         while not self._stop.is_set():
             try:
-                ids = self.store.wait_for_results(RESULT_POLL_SECONDS)
-                wanted = [i for i in ids if i in self._waiters]
+                carried, wanted = self._sort_news(self.store.wait_for_results(RESULT_POLL_SECONDS))
                 if time.monotonic() - last_poll >= RESULT_POLL_SECONDS:
                     wanted = list(self._waiters)  # fallback: check every waiter
                     last_poll = time.monotonic()
-                if not wanted:
-                    continue
-                views = self.store.get(wanted)
+                views = self.store.get(wanted) if wanted else {}
             except Exception as exc:  # keep listening whatever the store does; it may come back
                 log.warning("result listener: %s", exc)
                 self._stop.wait(0.5)
                 continue
-            finished = [v for v in views.values() if v.status.finished]
+            finished = carried + [v for v in views.values() if v.status.finished]
             if finished and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._resolve, finished)
 

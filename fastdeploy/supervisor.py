@@ -31,6 +31,7 @@ from fastdeploy.store import Store, open_store
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 0.2
+CHECKPOINT_SECONDS = 0.2  # how often the store's write-ahead log is folded in, off the request path
 LOOP_STOP_SECONDS = 30.0
 MAX_RESTART_DELAY = 30.0
 
@@ -95,17 +96,30 @@ class Supervisor:
                 self._release_previous_workers()
             if self.serve_api:
                 self._fresh_metrics_dir()
+            checkpoints = threading.Thread(target=self._checkpoint_forever, name="checkpoint", daemon=True)
+            checkpoints.start()
             self._start_children()
             while not self._stop.wait(WATCH_SECONDS):
                 self._watch()
             self._shutdown()
+            checkpoints.join(timeout=5)
         finally:
+            self._stop.set()  # ends the checkpoint thread before the store closes
             if self._listener is not None:
                 self._listener.close()
             if self._metrics_dir is not None:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._store.close()
         return 0
+
+    def _checkpoint_forever(self) -> None:
+        """Keep the store's log short from here, so no request pays for flushing it to disk."""
+        assert self._store is not None
+        while not self._stop.wait(CHECKPOINT_SECONDS):
+            try:
+                self._store.checkpoint()
+            except FastDeployError as exc:  # the request connections' backstop still bounds the log
+                log.warning("%s", exc.reason)
 
     def _fresh_metrics_dir(self) -> None:
         """An empty folder through which the API processes sum their request metrics."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 
-from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, ResultNews, WorkerInfo
 
 # A job whose loop died this many times while holding it fails instead of killing more loops.
 MAX_ATTEMPTS = 3
@@ -61,8 +61,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def wait_for_results(self, timeout: float) -> list[str]:
-        """Block up to ``timeout`` for news of finished jobs; returns their ids (maybe none)."""
+    def wait_for_results(self, timeout: float) -> list[ResultNews]:
+        """Block up to ``timeout`` for news of finished jobs (maybe none).
+
+        News of a job submitted with ``waited`` must reach the API server that submitted it
+        (as long as rings are not lost); news of other jobs may be left out. A backend may
+        carry the outcome itself, sparing the API server a read.
+        """
 
     # -- loop side ------------------------------------------------------------
     @abc.abstractmethod
@@ -133,8 +138,8 @@ class Store(abc.ABC):
         """
         return None
 
-    def take_result_rings(self) -> list[str]:
-        """Ids from result rings already waiting, without blocking."""
+    def take_result_rings(self) -> list[ResultNews]:
+        """News from result rings already waiting, without blocking."""
         return self.wait_for_results(0.0)
 
     # -- lifecycle ------------------------------------------------------------
@@ -143,6 +148,10 @@ class Store(abc.ABC):
 
     def listen_for_results(self) -> None:  # noqa: B027 (optional hook)
         """Prepare to receive result rings (an API server calls this at start-up)."""
+
+    def checkpoint(self) -> None:  # noqa: B027 (optional hook)
+        """Fold the store's write-ahead log into its main file, where that is this process's
+        job (one process per host calls this now and then, off the request path)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections and doorbell sockets."""

@@ -1,25 +1,28 @@
 """Doorbells between processes on one host: Unix datagram sockets in one folder.
 
-A reader binds ``<role>-<pid>.sock``; a writer sends a datagram to every socket of that
-role. Rings are hints: a full buffer or a dead reader drops the ring, and readers fall
-back to a short poll, so nothing depends on a ring arriving.
+A reader binds ``<role>-<pid>-<n>.sock``; a writer sends a datagram to every socket of that
+role, or to one reader by its name. Rings are hints: a full buffer or a dead reader drops
+the ring, and readers fall back to a short poll, so nothing depends on a ring arriving.
+One datagram is one message: senders keep each under ``MAX_DATAGRAM`` bytes.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import select
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+_LISTENERS = itertools.count()
 _MAX_PATH = 100  # sun_path is 108 bytes on Linux
 _REFRESH_SECONDS = 0.5
-_MAX_DATAGRAM = 60_000
+MAX_DATAGRAM = 60_000
 
 
 def bell_folder(state_dir: Path) -> Path:
@@ -44,7 +47,8 @@ class Bell:
         self._targets: dict[str, tuple[float, list[str]]] = {}
 
     def listen(self, role: str) -> None:
-        path = self._folder / f"{role}-{os.getpid()}.sock"
+        # pid and a per-process count: a process may hold several stores (tests, tools)
+        path = self._folder / f"{role}-{os.getpid()}-{next(_LISTENERS)}.sock"
         if path.exists():
             path.unlink()
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -66,16 +70,32 @@ class Bell:
         self._targets[role] = (now, names)
         return names
 
-    def ring(self, role: str, message: bytes = b"") -> None:
-        chunks = [message[i : i + _MAX_DATAGRAM] for i in range(0, len(message), _MAX_DATAGRAM)] or [b""]
+    @property
+    def name(self) -> Optional[str]:
+        """This reader's name, by which a writer can ring it alone (None before ``listen``)."""
+        return self._own_path.name if self._own_path is not None else None
+
+    def ring(self, role: str, messages: Sequence[bytes] = (b"",)) -> None:
+        """Send each message, as one datagram, to every reader of ``role``."""
         for path in self._readers(role):
-            for chunk in chunks:
+            for message in messages:
                 try:
-                    self._sender.sendto(chunk, path)
+                    self._sender.sendto(message, path)
                 except OSError as exc:
                     if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
                         self._forget(role, path)
                     break  # EAGAIN (reader busy) and the rest: the reader's poll covers it
+
+    def ring_reader(self, name: str, messages: Sequence[bytes]) -> None:
+        """Send each message to the one reader called ``name`` (a name from ``Bell.name``)."""
+        if "/" in name or not name.endswith(".sock"):
+            return  # not a reader's name: nothing to ring
+        path = str(self._folder / name)
+        for message in messages:
+            try:
+                self._sender.sendto(message, path)
+            except OSError:
+                return  # gone, or its buffer is full: its poll covers it
 
     def _forget(self, role: str, path: str) -> None:
         try:
@@ -95,7 +115,7 @@ class Bell:
             return messages
         while True:
             try:
-                messages.append(self._receiver.recv(_MAX_DATAGRAM + 1024))
+                messages.append(self._receiver.recv(MAX_DATAGRAM + 1024))
             except BlockingIOError:
                 return messages
 

@@ -49,6 +49,7 @@ from fastdeploy.jobs import (
     JobView,
     NewJob,
     Outcome,
+    ResultNews,
     WorkerInfo,
     result_document,
 )
@@ -571,13 +572,13 @@ class RedisStore(Store):
             except Exception:  # already broken; nothing to release
                 pass
 
-    def wait_for_results(self, timeout: float) -> list[str]:
+    def wait_for_results(self, timeout: float) -> list[ResultNews]:
         """Ids from the results channel; a Redis outage just makes this a sleep (the poll covers it)."""
         if not self._want_results:
             time.sleep(max(timeout, 0.0))
             return []
         started = time.monotonic()
-        ids: list[str] = []
+        ids: list[ResultNews] = []
         try:
             pubsub = self._subscribe()
             message = pubsub.get_message(timeout=min(max(timeout, 0.0), MAX_BELL_WAIT))

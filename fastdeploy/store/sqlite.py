@@ -9,12 +9,15 @@ cut of the machine).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
+
+import msgpack
 
 from fastdeploy.errors import StoreUnavailable
 from fastdeploy.jobs import (
@@ -24,11 +27,12 @@ from fastdeploy.jobs import (
     JobView,
     NewJob,
     Outcome,
+    ResultNews,
     WorkerInfo,
     result_document,
 )
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
-from fastdeploy.store.bells import Bell, bell_folder
+from fastdeploy.store.bells import MAX_DATAGRAM, Bell, bell_folder
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     n_items INTEGER NOT NULL,
     deadline REAL,
     webhook TEXT,
+    origin TEXT,  -- the bell of the API server whose /sync request waits for this job
     worker TEXT,
     lease_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -77,9 +82,17 @@ CREATE TABLE IF NOT EXISTS webhooks (
 );
 """
 
+log = logging.getLogger(__name__)
+
 _API_ROLE = "api"
 _LOCK_WAIT_SECONDS = 30.0  # longest a write waits for another writer before 503
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
+# Checkpoints flush the database file to disk (fsync): tens to hundreds of milliseconds on
+# a busy disk. SQLite runs one by default in whichever connection commits the 1000th page,
+# which put that stall on an API server's event loop. The supervisor checkpoints from its
+# own thread instead (``checkpoint``); request connections only do it as a backstop, if
+# the WAL ever reaches this many pages (64 MB) because nobody else did.
+_BACKSTOP_CHECKPOINT_PAGES = 16384
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
@@ -94,6 +107,58 @@ def _inline(payload: bytes) -> Optional[bytes]:
 
 def _stage_role(stage: int) -> str:
     return f"stage{stage}"
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a state folder made by an earlier version up to this schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "origin" not in columns:
+        try:
+            db.execute("ALTER TABLE jobs ADD COLUMN origin TEXT")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
+
+
+_CARRIED = b"\x01"  # first byte of a ring that carries outcomes (msgpack) rather than ids
+
+
+def _id_messages(ids: Sequence[str]) -> list[bytes]:
+    """Newline-separated ids, cut into datagrams at id boundaries."""
+    per = MAX_DATAGRAM // 40
+    return ["\n".join(ids[i : i + per]).encode() for i in range(0, len(ids), per)]
+
+
+def _outcome_messages(entries: Sequence[list]) -> list[bytes]:
+    """Finished jobs as ``[id, status, result, reason, error_status]`` lists, packed into
+    datagrams; an outcome too large for one travels as its bare id (the API reads it)."""
+    messages: list[bytes] = []
+    packed: list[bytes] = []
+    size = 0
+    bare: list[str] = []
+    for entry in entries:
+        one = msgpack.packb(entry)
+        if len(one) > MAX_DATAGRAM - 16:
+            bare.append(entry[0])
+            continue
+        if size + len(one) > MAX_DATAGRAM - 16:
+            messages.append(_CARRIED + msgpack.packb(packed))
+            packed, size = [], 0
+        packed.append(one)
+        size += len(one)
+    if packed:
+        messages.append(_CARRIED + msgpack.packb(packed))
+    return messages + _id_messages(bare)
+
+
+def _read_news(message: bytes) -> list[ResultNews]:
+    if not message.startswith(_CARRIED):
+        return [part.decode() for part in message.split(b"\n") if part]
+    news: list[ResultNews] = []
+    for one in msgpack.unpackb(message[1:]):
+        job_id, status, result, reason, error_status = msgpack.unpackb(one)
+        news.append(JobView(job_id, JobStatus(status), result, reason, error_status))
+    return news
 
 
 class SQLiteStore(Store):
@@ -111,6 +176,7 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         db.execute("PRAGMA busy_timeout=0")
@@ -124,6 +190,7 @@ class SQLiteStore(Store):
         try:
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_CHECKPOINT_PAGES}")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         with self._connections_lock:
@@ -158,17 +225,23 @@ class SQLiteStore(Store):
         db = db or self._db()
         self._begin(db, wait)
         self._local.rings = []
+        self._local.direct_rings = []
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        for role, message in self._local.rings:
-            self._bell.ring(role, message)
+        for role, messages in self._local.rings:
+            self._bell.ring(role, messages)
+        for reader, messages in self._local.direct_rings:
+            self._bell.ring_reader(reader, messages)
 
-    def _ring_after_commit(self, role: str, message: bytes = b"") -> None:
-        self._local.rings.append((role, message))
+    def _ring_after_commit(self, role: str, messages: Sequence[bytes] = (b"",)) -> None:
+        self._local.rings.append((role, messages))
+
+    def _ring_reader_after_commit(self, reader: str, messages: Sequence[bytes]) -> None:
+        self._local.direct_rings.append((reader, messages))
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         return self._db().execute(sql, params).fetchall()
@@ -190,6 +263,14 @@ class SQLiteStore(Store):
             return False
         return True
 
+    def checkpoint(self) -> None:
+        """Copy committed pages from the WAL into the database file without waiting for
+        (or blocking) readers and writers; SQLite then reuses the WAL from its start."""
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"could not checkpoint the job store {self.path}: {exc}") from None
+
     def close(self) -> None:
         self._bell.close()
         with self._connections_lock:
@@ -205,11 +286,16 @@ class SQLiteStore(Store):
         if not jobs:
             return
         now = time.time()
+        origin = self._bell.name  # None unless this process listens for results
         with self._write(wait=wait) as db:
             db.executemany(
-                "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, created)"
-                " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?)",
-                [(j.id, j.priority, _inline(j.payload), j.n_items, j.deadline, j.webhook, now) for j in jobs],
+                "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, origin, created)"
+                " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (j.id, j.priority, _inline(j.payload), j.n_items, j.deadline, j.webhook,
+                     origin if j.waited else None, now)
+                    for j in jobs
+                ],
             )
             large = [(j.id, j.payload) for j in jobs if _inline(j.payload) is None]
             if large:
@@ -239,7 +325,7 @@ class SQLiteStore(Store):
                     self._fail_locked(db, job_id, row[0], reason, error_status, row[1], now)
                     cancelled.append(job_id)
             if cancelled:
-                self._ring_after_commit(_API_ROLE, "\n".join(cancelled).encode())
+                self._ring_after_commit(_API_ROLE, _id_messages(cancelled))
         return cancelled
 
     def unfinished(self) -> int:
@@ -257,11 +343,14 @@ class SQLiteStore(Store):
                 depths[stage] = count
         return depths
 
-    def wait_for_results(self, timeout: float) -> list[str]:
-        ids: list[str] = []
+    def wait_for_results(self, timeout: float) -> list[ResultNews]:
+        news: list[ResultNews] = []
         for message in self._bell.wait(timeout):
-            ids.extend(part.decode() for part in message.split(b"\n") if part)
-        return ids
+            try:
+                news.extend(_read_news(message))
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:  # a mangled ring: the poll covers it
+                log.warning("ignoring an unreadable result ring: %s", exc)
+        return news
 
     # -- loop side ------------------------------------------------------------
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
@@ -302,7 +391,7 @@ class SQLiteStore(Store):
                 if full or len(rows) < limit:
                     break
             if timed_out:
-                self._ring_after_commit(_API_ROLE, "\n".join(timed_out).encode())
+                self._ring_after_commit(_API_ROLE, _id_messages(timed_out))
         return claimed
 
     def _fail_locked(
@@ -333,7 +422,7 @@ class SQLiteStore(Store):
 
     def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
         now = time.time()
-        finished: list[str] = []
+        carried: dict[str, list[list]] = {}  # API server's bell -> outcomes its /sync requests wait for
         next_stages: set[int] = set()
         live = "status IN ('processing', 'queued')"
         with self._write() as db:
@@ -351,27 +440,34 @@ class SQLiteStore(Store):
                         next_stages.add(out.stage + 1)
                     continue
                 row = db.execute(
-                    f"SELECT webhook FROM jobs WHERE id = ? AND stage = ? AND {live}", (out.id, out.stage)
+                    f"SELECT webhook, origin, payload IS NULL FROM jobs WHERE id = ? AND stage = ? AND {live}",
+                    (out.id, out.stage),
                 ).fetchone()
                 if row is None:
                     continue  # already finished elsewhere: deliver once
+                webhook, origin, spilled = row
                 if out.result is not None:
                     db.execute(
                         "UPDATE jobs SET status = 'done', result = ?, payload = NULL, worker = NULL, finished = ?"
                         " WHERE id = ?",
                         (out.result, now, out.id),
                     )
-                    db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
-                    if row[0]:
+                    if spilled:
+                        db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
+                    if webhook:
                         body = result_document(out.id, JobStatus.DONE, out.result, None)
-                        self._queue_webhook(db, out.id, row[0], body, now)
+                        self._queue_webhook(db, out.id, webhook, body, now)
+                    entry = [out.id, JobStatus.DONE.value, out.result, None, 500]
                 else:
-                    self._fail_locked(db, out.id, out.stage, out.reason or "failed", out.error_status, row[0], now)
-                finished.append(out.id)
+                    reason = out.reason or "failed"
+                    self._fail_locked(db, out.id, out.stage, reason, out.error_status, webhook, now)
+                    entry = [out.id, JobStatus.FAILED.value, None, reason, out.error_status]
+                if origin:
+                    carried.setdefault(origin, []).append(entry)
             for stage in next_stages:
                 self._ring_after_commit(_stage_role(stage))
-            if finished:
-                self._ring_after_commit(_API_ROLE, "\n".join(finished).encode())
+            for origin, entries in carried.items():  # straight to the API server that waits for them
+                self._ring_reader_after_commit(origin, _outcome_messages(entries))
 
     def wait_for_jobs(self, stage: int, timeout: float) -> None:
         self._bell.wait(timeout)
@@ -423,7 +519,7 @@ class SQLiteStore(Store):
         for stage in stages:
             self._ring_after_commit(_stage_role(stage))
         if failed:
-            self._ring_after_commit(_API_ROLE, "\n".join(failed).encode())
+            self._ring_after_commit(_API_ROLE, _id_messages(failed))
         return len(rows)
 
     # -- maintenance ----------------------------------------------------------

@@ -12,15 +12,20 @@ from typing import Optional
 
 import orjson
 
-from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, Store
 
 FAR = 1e9  # a worker timeout or TTL that never triggers
 
 
 def job(job_id: str, n_items: int = 1, priority: int = 9, deadline: Optional[float] = None,
-        webhook: Optional[str] = None) -> NewJob:
-    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, deadline, webhook)
+        webhook: Optional[str] = None, waited: bool = False) -> NewJob:
+    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, deadline, webhook, waited)
+
+
+def news_ids(news) -> set[str]:
+    """Ids named by result news, whether the outcome came with it or not."""
+    return {item.id if isinstance(item, JobView) else item for item in news}
 
 
 def ids(claimed) -> list[str]:
@@ -360,17 +365,22 @@ def test_webhook_is_leased_to_one_sender_at_a_time(open_store):
 
 
 # -- doorbells ------------------------------------------------------------------------------
-def test_wait_for_results_receives_ids_rung_by_finish(open_store):
+def test_wait_for_results_hears_of_the_jobs_this_api_server_waits_for(open_store):
     api, loop = open_store(), open_store()
     api.listen_for_results()
-    loop.submit([job("a"), job("b"), job("late", deadline=time.time() - 1)])
+    soon = time.time() + 60
+    api.submit([job("a", deadline=soon, waited=True), job("b", deadline=soon, waited=True),
+                job("late", deadline=time.time() - 1, waited=True)])
     loop.claim(0, 8, "w1", 30)
-    loop.finish([done("a"), Outcome("b", 0, reason="bad")], "w1")
-    heard: set[str] = set()
+    loop.finish([done("a"), Outcome("b", 0, reason="bad", error_status=422)], "w1")
+    news: list = []
     deadline = time.monotonic() + 10
-    while not {"a", "b", "late"} <= heard and time.monotonic() < deadline:
-        heard.update(api.wait_for_results(1.0))
-    assert {"a", "b", "late"} <= heard
+    while not {"a", "b", "late"} <= news_ids(news) and time.monotonic() < deadline:
+        news.extend(api.wait_for_results(1.0))
+    assert {"a", "b", "late"} <= news_ids(news)
+    for item in news:  # an outcome that comes with the news is the stored one
+        if isinstance(item, JobView):
+            assert item == api.get([item.id])[item.id]
 
 
 def test_wait_for_results_returns_after_timeout_without_news(store):

@@ -1,10 +1,13 @@
-"""What only the embedded SQLite store does: large inputs in a table of their own."""
+"""What only the embedded SQLite store does: large inputs in a table of their own, outcomes
+sent whole to the API server that waits for them, and schema upgrades."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
 
-from fastdeploy.jobs import NewJob, Outcome
+from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome
+from fastdeploy.store.bells import MAX_DATAGRAM
 from fastdeploy.store.sqlite import SQLiteStore
 
 
@@ -55,5 +58,76 @@ def test_a_chain_moves_a_large_stage_output_to_the_next_stage(tmp_path):
         assert _payload_ids(tmp_path) == []  # the small output went back into the row
         (last,) = store.claim(2, 8, "w3", 30)
         assert last.payload == b"z"
+    finally:
+        store.close()
+
+
+# -- result rings: outcomes go straight to the API server that waits -------------------
+def _news(store: SQLiteStore, want: int) -> list:
+    news: list = []
+    deadline = time.monotonic() + 5
+    while len(news) < want and time.monotonic() < deadline:
+        news.extend(store.wait_for_results(0.2))
+    return news
+
+
+def test_outcomes_travel_whole_to_the_waiting_api_server_only(tmp_path):
+    waiting, other, loop = SQLiteStore(tmp_path), SQLiteStore(tmp_path), SQLiteStore(tmp_path)
+    try:
+        waiting.listen_for_results()
+        other.listen_for_results()
+        soon = time.time() + 60
+        waiting.submit([NewJob("ok", b"x", 1, 9, soon, None, waited=True),
+                        NewJob("bad", b"x", 1, 9, soon, None, waited=True),
+                        NewJob("async", b"x", 1, 9, None, None)])
+        loop.claim(0, 8, "w1", 30)
+        loop.finish([Outcome("ok", 0, result=b'["fine"]'), Outcome("bad", 0, reason="no good", error_status=422),
+                     Outcome("async", 0, result=b"[1]")], "w1")
+        news = _news(waiting, 2)
+        assert sorted(news, key=lambda v: v.id) == [
+            JobView("bad", JobStatus.FAILED, None, "no good", 422),
+            JobView("ok", JobStatus.DONE, b'["fine"]', None, 500),
+        ]
+        assert waiting.wait_for_results(0.2) == []  # nothing about the /async job: nobody waits for it
+        assert other.wait_for_results(0.2) == []  # nor for the other API server
+    finally:
+        for store in (waiting, other, loop):
+            store.close()
+
+
+def test_an_outcome_too_large_for_one_ring_arrives_as_its_id(tmp_path):
+    api, loop = SQLiteStore(tmp_path), SQLiteStore(tmp_path)
+    try:
+        api.listen_for_results()
+        big = b'["' + b"y" * (MAX_DATAGRAM + 100) + b'"]'
+        soon = time.time() + 60
+        api.submit([NewJob(f"j{i}", b"x", 1, 9, soon, None, waited=True) for i in range(3)])
+        loop.claim(0, 8, "w1", 30)
+        loop.finish([Outcome("j0", 0, result=big), Outcome("j1", 0, result=b"[1]"),
+                     Outcome("j2", 0, result=b'["' + b"z" * 40_000 + b'"]')], "w1")
+        news = _news(api, 3)
+        assert "j0" in news  # read from the store instead
+        carried = {v.id: v.result for v in news if isinstance(v, JobView)}
+        assert set(carried) == {"j1", "j2"} and carried["j2"] == api.get(["j2"])["j2"].result
+    finally:
+        api.close()
+        loop.close()
+
+
+def test_a_state_folder_from_before_result_rings_gets_the_new_column(tmp_path):
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, stage INTEGER NOT NULL,"
+               " status TEXT NOT NULL, priority INTEGER NOT NULL, payload BLOB, n_items INTEGER NOT NULL,"
+               " deadline REAL, webhook TEXT, worker TEXT, lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0,"
+               " result BLOB, reason TEXT, error_status INTEGER, created REAL NOT NULL, finished REAL)")
+    db.execute("INSERT INTO jobs (id, stage, status, priority, payload, n_items, created)"
+               " VALUES ('old', 0, 'queued', 9, X'01', 1, 0)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(tmp_path)
+    try:
+        assert [c.id for c in store.claim(0, 8, "w1", 30)] == ["old"]
+        store.finish([Outcome("old", 0, result=b"[2]")], "w1")
+        assert store.get(["old"])["old"].result == b"[2]"
     finally:
         store.close()
