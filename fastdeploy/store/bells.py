@@ -45,6 +45,7 @@ class Bell:
         self._receiver: Optional[socket.socket] = None
         self._own_path: Optional[Path] = None
         self._targets: dict[str, tuple[float, list[str]]] = {}
+        self._paths: dict[str, str] = {}  # reader name -> socket path
 
     def listen(self, role: str) -> None:
         # pid and a per-process count: a process may hold several stores (tests, tools)
@@ -88,9 +89,13 @@ class Bell:
 
     def ring_reader(self, name: str, messages: Sequence[bytes]) -> None:
         """Send each message to the one reader called ``name`` (a name from ``Bell.name``)."""
-        if "/" in name or not name.endswith(".sock"):
-            return  # not a reader's name: nothing to ring
-        path = str(self._folder / name)
+        path = self._paths.get(name)
+        if path is None:
+            if "/" in name or not name.endswith(".sock"):
+                return  # not a reader's name: nothing to ring
+            if len(self._paths) > 1000:  # readers come and go with restarts
+                self._paths.clear()
+            path = self._paths[name] = str(self._folder / name)
         for message in messages:
             try:
                 self._sender.sendto(message, path)

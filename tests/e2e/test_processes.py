@@ -167,3 +167,20 @@ def test_a_second_service_on_the_same_port_is_refused_and_leaves_the_first_alone
         assert "cannot listen on 127.0.0.1:%d" % first.port in second.stderr and "Traceback" not in second.stderr
         assert len(_api_pids(first)) == 2
         assert first.post("/sync", {"data": ["still mine"]}).json()["prediction"] == ["still mine"]
+
+
+def test_the_supervisor_folds_the_write_ahead_log_into_the_database_file(tmp_path):
+    """Request connections leave checkpoints (and their fsync) to the supervisor's thread
+    (tests/store/test_sqlite_store.py checks they only do it past 64 MB), so the jobs
+    written here reach the database file only if that thread runs."""
+    state = tmp_path / "state"
+    with serve(RECIPES / "echo", state_dir=state) as server:
+        db_file = state / "jobs.sqlite3"
+        before = db_file.stat().st_size
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: server.post("/sync", {"data": [i]}).json(), range(400)))
+        assert all(answer["success"] for answer in answers)
+        deadline = time.monotonic() + 10
+        while db_file.stat().st_size <= before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert db_file.stat().st_size > before

@@ -131,3 +131,16 @@ def test_a_state_folder_from_before_result_rings_gets_the_new_column(tmp_path):
         assert store.get(["old"])["old"].result == b"[2]"
     finally:
         store.close()
+
+
+def test_request_connections_checkpoint_only_as_a_backstop_and_checkpoint_folds_the_log(tmp_path):
+    store = SQLiteStore(tmp_path)
+    try:
+        (pages,) = store._db().execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert pages * 4096 >= 64 * 1024 * 1024  # not SQLite's default 1000 pages
+        store.submit([NewJob(f"j{i}", b"x" * 200, 1, 9, None, None) for i in range(500)])
+        size = (tmp_path / "jobs.sqlite3").stat().st_size
+        store.checkpoint()
+        assert (tmp_path / "jobs.sqlite3").stat().st_size > size
+    finally:
+        store.close()
