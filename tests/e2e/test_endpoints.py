@@ -47,6 +47,14 @@ def test_sync_result_is_readable_at_result_repeatedly(echo):
         assert body == {"unique_id": unique_id, "status": "done", "success": True, "prediction": ["again"]}
 
 
+def test_sync_answers_of_every_size_arrive_whole(echo):
+    # small outcomes come back inside the loop's ring, ones over a datagram (60 KB) as an id
+    for size in (10, 50_000, 200_000):
+        data = ["x" * size, {"n": size}]
+        body = echo.post("/sync", {"data": data}).json()
+        assert body["success"] is True and body["prediction"] == data
+
+
 def test_async_then_result_until_done(echo):
     response = echo.post("/async", {"data": [{"k": 1}, 2]})
     assert response.status_code == 200
