@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import msgpack
 import orjson
 
 try:
@@ -53,6 +55,7 @@ from fastdeploy.jobs import (
     WorkerInfo,
     result_document,
 )
+from fastdeploy.store.news import read_news
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,11 @@ class Keys:
         return f"{self.prefix}:seen"
 
     @property
-    def results(self) -> str:  # pub/sub channel: newline-separated ids of finished jobs
+    def results(self) -> str:  # pub/sub channel: newline-separated ids of finished jobs nobody waits for here
         return f"{self.prefix}:results"
+
+    def results_for(self, origin: str) -> str:  # pub/sub channel of one API server: outcomes it waits for
+        return f"{self.prefix}:results:{origin}"
 
     # key families: prefix + id
     @property
@@ -227,18 +233,19 @@ local function requeue(id, now, max_attempts, poison, failed, rings)
 end
 """
 
-# ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook) per job
+# ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook, origin) per job;
+# origin: the API server whose /sync request waits for the job ('' when none does)
 _LUA_SUBMIT = """
 local now = ARGV[A]
-local count = (#ARGV - A) / 6
+local count = (#ARGV - A) / 7
 local last = redis.call('INCRBY', K_SEQ, count)
 local seq = last - count
-for i = A + 1, #ARGV, 6 do
+for i = A + 1, #ARGV, 7 do
   seq = seq + 1
   local id = ARGV[i]
   redis.call('HSET', P_JOB .. id, 'stage', '0', 'status', 'queued', 'priority', ARGV[i + 1], 'seq', seq,
     'payload', ARGV[i + 2], 'n_items', ARGV[i + 3], 'deadline', ARGV[i + 4], 'webhook', ARGV[i + 5],
-    'attempts', '0', 'created', now)
+    'origin', ARGV[i + 6], 'attempts', '0', 'created', now)
   enqueue(id, '0', ARGV[i + 1], seq)
 end
 ring_jobs('0')
@@ -295,11 +302,19 @@ return out
 # kind 'next' (data = payload, extra = n_items), 'done' (data = result), 'failed' (data = reason, extra = status)
 _LUA_FINISH = """
 local now = ARGV[A]
-local finished, rings = {}, {}
+local finished, rings, carried = {}, {}, {}
+local function tell(origin, id, entry)
+  if origin and origin ~= '' then  -- straight to the API server that waits, outcome included
+    carried[origin] = carried[origin] or {}
+    table.insert(carried[origin], entry)
+  else
+    finished[#finished + 1] = id
+  end
+end
 for i = A + 1, #ARGV, 5 do
   local id, stage, kind, data, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq')
+  local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin')
   if (f[1] == 'processing' or f[1] == 'queued') and f[2] == stage then
     if kind == 'next' then
       if f[1] == 'queued' then redis.call('ZREM', P_QUEUE .. stage, id) end
@@ -311,15 +326,18 @@ for i = A + 1, #ARGV, 5 do
       rings[nxt] = true
     elseif kind == 'done' then
       finalize(id, now, {'status', 'done', 'result', data})
-      finished[#finished + 1] = id
+      tell(f[6], id, {id, 'done', data, '', 500})
     else
       finalize(id, now, {'status', 'failed', 'reason', data, 'error_status', extra})
-      finished[#finished + 1] = id
+      tell(f[6], id, {id, 'failed', '', data, tonumber(extra)})
     end
   end
 end
 for stage, _ in pairs(rings) do ring_jobs(stage) end
 ring_results(finished)
+for origin, entries in pairs(carried) do
+  redis.call('PUBLISH', CH_RESULTS .. ':' .. origin, '\1' .. cmsgpack.pack(entries))
+end
 return #finished
 """
 
@@ -526,6 +544,7 @@ class RedisStore(Store):
         self._prefixes = self.keys.script_prefixes()
         self._pubsub: Optional[Any] = None
         self._want_results = False
+        self._origin = os.urandom(8).hex()  # names this store's own results channel
         self._pubsub_lock = threading.Lock()
 
     def _run(self, script: Any, *args: Any) -> Any:
@@ -550,13 +569,15 @@ class RedisStore(Store):
                 return self._pubsub
             pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
             try:
-                pubsub.subscribe(self.keys.results)
-                # Wait for the confirmation, so rings published after this returns reach us.
+                channels = (self.keys.results, self.keys.results_for(self._origin))
+                pubsub.subscribe(*channels)
+                # Wait for the confirmations, so rings published after this returns reach us.
+                confirmed = 0
                 deadline = time.monotonic() + SOCKET_TIMEOUT
-                while time.monotonic() < deadline:
+                while confirmed < len(channels) and time.monotonic() < deadline:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message.get("type") == "subscribe":
-                        break
+                        confirmed += 1
             except BaseException:
                 pubsub.close()
                 raise
@@ -573,7 +594,8 @@ class RedisStore(Store):
                 pass
 
     def wait_for_results(self, timeout: float) -> list[ResultNews]:
-        """Ids from the results channel; a Redis outage just makes this a sleep (the poll covers it)."""
+        """News from the shared results channel (ids) and this store's own (outcomes of the
+        jobs it submitted for /sync); a Redis outage just makes this a sleep (the poll covers it)."""
         if not self._want_results:
             time.sleep(max(timeout, 0.0))
             return []
@@ -584,9 +606,10 @@ class RedisStore(Store):
             message = pubsub.get_message(timeout=min(max(timeout, 0.0), MAX_BELL_WAIT))
             while message is not None:
                 if message.get("type") == "message":
-                    ids.extend(part for part in _text(message["data"]).split("\n") if part)
+                    data = message["data"]
+                    ids.extend(read_news(data if isinstance(data, bytes) else str(data).encode()))
                 message = pubsub.get_message(timeout=0.0)
-        except (redis.RedisError, OSError, ValueError) as exc:
+        except (redis.RedisError, OSError, ValueError, TypeError, msgpack.UnpackException) as exc:
             log.debug("results channel at %s: %s", self.address, exc)
             self._drop_pubsub()
             time.sleep(max(0.0, timeout - (time.monotonic() - started)))
@@ -621,7 +644,8 @@ class RedisStore(Store):
         args: list[Any] = [repr(time.time())]
         for job in jobs:
             deadline = "" if job.deadline is None else repr(float(job.deadline))
-            args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or ""]
+            origin = self._origin if job.waited and self._want_results else ""
+            args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "", origin]
         self._run(self._submit, *args)
 
     @_guarded

@@ -32,6 +32,7 @@ from fastdeploy.jobs import (
     result_document,
 )
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
+from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages, read_news
 from fastdeploy.store.bells import MAX_DATAGRAM, Bell, bell_folder
 
 _SCHEMA = """
@@ -120,45 +121,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                 raise
 
 
-_CARRIED = b"\x01"  # first byte of a ring that carries outcomes (msgpack) rather than ids
-
-
 def _id_messages(ids: Sequence[str]) -> list[bytes]:
-    """Newline-separated ids, cut into datagrams at id boundaries."""
-    per = MAX_DATAGRAM // 40
-    return ["\n".join(ids[i : i + per]).encode() for i in range(0, len(ids), per)]
-
-
-def _outcome_messages(entries: Sequence[list]) -> list[bytes]:
-    """Finished jobs as ``[id, status, result, reason, error_status]`` lists, packed into
-    datagrams; an outcome too large for one travels as its bare id (the API reads it)."""
-    messages: list[bytes] = []
-    packed: list[bytes] = []
-    size = 0
-    bare: list[str] = []
-    for entry in entries:
-        one = msgpack.packb(entry)
-        if len(one) > MAX_DATAGRAM - 16:
-            bare.append(entry[0])
-            continue
-        if size + len(one) > MAX_DATAGRAM - 16:
-            messages.append(_CARRIED + msgpack.packb(packed))
-            packed, size = [], 0
-        packed.append(one)
-        size += len(one)
-    if packed:
-        messages.append(_CARRIED + msgpack.packb(packed))
-    return messages + _id_messages(bare)
-
-
-def _read_news(message: bytes) -> list[ResultNews]:
-    if not message.startswith(_CARRIED):
-        return [part.decode() for part in message.split(b"\n") if part]
-    news: list[ResultNews] = []
-    for one in msgpack.unpackb(message[1:]):
-        job_id, status, result, reason, error_status = msgpack.unpackb(one)
-        news.append(JobView(job_id, JobStatus(status), result, reason, error_status))
-    return news
+    return id_messages(ids, MAX_DATAGRAM)
 
 
 class SQLiteStore(Store):
@@ -344,13 +308,13 @@ class SQLiteStore(Store):
         return depths
 
     def wait_for_results(self, timeout: float) -> list[ResultNews]:
-        news: list[ResultNews] = []
+        heard: list[ResultNews] = []
         for message in self._bell.wait(timeout):
             try:
-                news.extend(_read_news(message))
+                heard.extend(read_news(message))
             except (ValueError, TypeError, msgpack.UnpackException) as exc:  # a mangled ring: the poll covers it
                 log.warning("ignoring an unreadable result ring: %s", exc)
-        return news
+        return heard
 
     # -- loop side ------------------------------------------------------------
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
@@ -457,17 +421,17 @@ class SQLiteStore(Store):
                     if webhook:
                         body = result_document(out.id, JobStatus.DONE, out.result, None)
                         self._queue_webhook(db, out.id, webhook, body, now)
-                    entry = [out.id, JobStatus.DONE.value, out.result, None, 500]
+                    entry = outcome_entry(out.id, JobStatus.DONE, out.result, None, 500)
                 else:
                     reason = out.reason or "failed"
                     self._fail_locked(db, out.id, out.stage, reason, out.error_status, webhook, now)
-                    entry = [out.id, JobStatus.FAILED.value, None, reason, out.error_status]
+                    entry = outcome_entry(out.id, JobStatus.FAILED, None, reason, out.error_status)
                 if origin:
                     carried.setdefault(origin, []).append(entry)
             for stage in next_stages:
                 self._ring_after_commit(_stage_role(stage))
             for origin, entries in carried.items():  # straight to the API server that waits for them
-                self._ring_reader_after_commit(origin, _outcome_messages(entries))
+                self._ring_reader_after_commit(origin, outcome_messages(entries, MAX_DATAGRAM))
 
     def wait_for_jobs(self, stage: int, timeout: float) -> None:
         self._bell.wait(timeout)

@@ -39,8 +39,9 @@ ALLOWED = {
     "metrics": {"jobs"},
     "store.bells": set(),
     "store.base": {"errors", "jobs"},
-    "store.sqlite": {"errors", "jobs", "store.base", "store.bells"},
-    "store.redis": {"errors", "jobs", "store.base"},
+    "store.news": {"jobs"},
+    "store.sqlite": {"errors", "jobs", "store.base", "store.bells", "store.news"},
+    "store.redis": {"errors", "jobs", "store.base", "store.news"},
 }
 
 

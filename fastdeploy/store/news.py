@@ -1,0 +1,70 @@
+"""How result rings travel, for every backend: bare ids, or outcomes carried whole.
+
+A ring is either newline-separated job ids (the API server reads those jobs from the
+store) or ``CARRIED`` followed by a msgpack array of ``[id, status, result, reason,
+error_status]`` entries, so the API server that waits for them needs no read at all.
+Redis's Lua scripts build the second form with ``cmsgpack``, the SQLite store with
+``msgpack``: strings may arrive as msgpack str or bin, and a missing value as nil or "".
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import msgpack
+
+from fastdeploy.jobs import JobStatus, JobView, ResultNews
+
+CARRIED = b"\x01"  # first byte of a ring that carries outcomes
+
+
+def id_messages(ids: Sequence[str], limit: int) -> list[bytes]:
+    """Newline-separated ids, cut into messages of at most ``limit`` bytes at id boundaries."""
+    per = max(1, limit // 40)
+    return ["\n".join(ids[i : i + per]).encode() for i in range(0, len(ids), per)]
+
+
+def outcome_entry(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str],
+                  error_status: int) -> list:
+    return [job_id, status.value, result, reason, error_status]
+
+
+def outcome_messages(entries: Sequence[list], limit: int) -> list[bytes]:
+    """Entries packed into messages of at most ``limit`` bytes; an entry too large for one
+    travels as its bare id (the API server reads it from the store)."""
+    messages: list[bytes] = []
+    chunk: list[list] = []
+    size = 0
+    bare: list[str] = []
+    for entry in entries:
+        one = len(msgpack.packb(entry))
+        if one > limit - 16:
+            bare.append(entry[0])
+            continue
+        if size + one > limit - 16:
+            messages.append(CARRIED + msgpack.packb(chunk))
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += one
+    if chunk:
+        messages.append(CARRIED + msgpack.packb(chunk))
+    return messages + id_messages(bare, limit)
+
+
+def _text(value: object) -> Optional[str]:
+    if value is None or value == b"" or value == "":
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_news(message: bytes) -> list[ResultNews]:
+    """The news in one ring (raises ValueError or msgpack's errors on a mangled one)."""
+    if not message.startswith(CARRIED):
+        return [part.decode() for part in message.split(b"\n") if part]
+    news: list[ResultNews] = []
+    for job_id, status, result, reason, error_status in msgpack.unpackb(message[1:], raw=True):
+        if isinstance(result, str):
+            result = result.encode()
+        news.append(JobView(str(_text(job_id)), JobStatus(_text(status)), result or None, _text(reason),
+                            int(error_status or 500)))
+    return news
