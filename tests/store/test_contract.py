@@ -383,6 +383,24 @@ def test_wait_for_results_hears_of_the_jobs_this_api_server_waits_for(open_store
             assert item == api.get([item.id])[item.id]
 
 
+def test_outcomes_reach_only_the_api_server_that_waits_for_them(open_store):
+    waiting, other, loop = open_store(), open_store(), open_store()
+    waiting.listen_for_results()
+    other.listen_for_results()
+    soon = time.time() + 60
+    waiting.submit([job("ok", deadline=soon, waited=True), job("bad", deadline=soon, waited=True), job("async")])
+    loop.claim(0, 8, "w1", 30)
+    loop.finish([done("ok", value="fine"), Outcome("bad", 0, reason="no good", error_status=422), done("async")], "w1")
+    heard: list = []
+    deadline = time.monotonic() + 5
+    while not {"ok", "bad"} <= news_ids(heard) and time.monotonic() < deadline:
+        heard.extend(waiting.wait_for_results(0.2))
+    carried = sorted((item for item in heard if isinstance(item, JobView)), key=lambda view: view.id)
+    assert carried == [JobView("bad", JobStatus.FAILED, None, "no good", 422),
+                       JobView("ok", JobStatus.DONE, b'["fine"]', None, 500)]  # whole: no read needed
+    assert not any(isinstance(item, JobView) for item in other.wait_for_results(0.5))
+
+
 def test_wait_for_results_returns_after_timeout_without_news(store):
     store.listen_for_results()
     started = time.monotonic()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import NewJob, Outcome, WorkerInfo
 from fastdeploy.store import open_store
 from tests.redis_server import PrivateRedis, _free_port
 
@@ -166,29 +166,3 @@ def test_nothing_is_left_behind_once_results_expire(redis_url):
     finally:
         store.close()
 
-
-def test_outcomes_travel_whole_to_the_waiting_api_server_only(redis_url):
-    waiting, other, loop = RedisStore(redis_url), RedisStore(redis_url), RedisStore(redis_url)
-    try:
-        waiting.listen_for_results()
-        other.listen_for_results()
-        soon = time.time() + 60
-        waiting.submit([NewJob("ok", b"x", 1, 9, soon, None, waited=True),
-                        NewJob("bad", b"x", 1, 9, soon, None, waited=True),
-                        NewJob("async", b"x", 1, 9, None, None)])
-        loop.claim(0, 8, "w1", 30)
-        loop.finish([Outcome("ok", 0, result=b'["fine"]'), Outcome("bad", 0, reason="no good", error_status=422),
-                     Outcome("async", 0, result=b"[1]")], "w1")
-        heard: list = []
-        deadline = time.monotonic() + 5
-        while len(heard) < 3 and time.monotonic() < deadline:
-            heard.extend(waiting.wait_for_results(0.2))
-        carried = sorted((n for n in heard if isinstance(n, JobView)), key=lambda v: v.id)
-        assert carried == [JobView("bad", JobStatus.FAILED, None, "no good", 422),
-                           JobView("ok", JobStatus.DONE, b'["fine"]', None, 500)]
-        assert "async" in heard  # nobody waits for it: its id goes to the shared channel
-        others = other.wait_for_results(0.5)
-        assert not any(isinstance(n, JobView) for n in others)  # the other API server gets no outcomes
-    finally:
-        for store in (waiting, other, loop):
-            store.close()

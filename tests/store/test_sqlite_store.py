@@ -1,12 +1,12 @@
 """What only the embedded SQLite store does: large inputs in a table of their own, outcomes
-sent whole to the API server that waits for them, and schema upgrades."""
+too large for one datagram, checkpoints and schema upgrades."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
 
-from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome
+from fastdeploy.jobs import JobView, NewJob, Outcome
 from fastdeploy.store.bells import MAX_DATAGRAM
 from fastdeploy.store.sqlite import SQLiteStore
 
@@ -69,30 +69,6 @@ def _news(store: SQLiteStore, want: int) -> list:
     while len(news) < want and time.monotonic() < deadline:
         news.extend(store.wait_for_results(0.2))
     return news
-
-
-def test_outcomes_travel_whole_to_the_waiting_api_server_only(tmp_path):
-    waiting, other, loop = SQLiteStore(tmp_path), SQLiteStore(tmp_path), SQLiteStore(tmp_path)
-    try:
-        waiting.listen_for_results()
-        other.listen_for_results()
-        soon = time.time() + 60
-        waiting.submit([NewJob("ok", b"x", 1, 9, soon, None, waited=True),
-                        NewJob("bad", b"x", 1, 9, soon, None, waited=True),
-                        NewJob("async", b"x", 1, 9, None, None)])
-        loop.claim(0, 8, "w1", 30)
-        loop.finish([Outcome("ok", 0, result=b'["fine"]'), Outcome("bad", 0, reason="no good", error_status=422),
-                     Outcome("async", 0, result=b"[1]")], "w1")
-        news = _news(waiting, 2)
-        assert sorted(news, key=lambda v: v.id) == [
-            JobView("bad", JobStatus.FAILED, None, "no good", 422),
-            JobView("ok", JobStatus.DONE, b'["fine"]', None, 500),
-        ]
-        assert waiting.wait_for_results(0.2) == []  # nothing about the /async job: nobody waits for it
-        assert other.wait_for_results(0.2) == []  # nor for the other API server
-    finally:
-        for store in (waiting, other, loop):
-            store.close()
 
 
 def test_an_outcome_too_large_for_one_ring_arrives_as_its_id(tmp_path):
