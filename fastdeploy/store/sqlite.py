@@ -94,6 +94,7 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a 
 # own thread instead (``checkpoint``); request connections only do it as a backstop, if
 # the WAL ever reaches this many pages (64 MB) because nobody else did.
 _BACKSTOP_CHECKPOINT_PAGES = 16384
+_RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoint also starts the WAL over
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
@@ -229,9 +230,17 @@ class SQLiteStore(Store):
 
     def checkpoint(self) -> None:
         """Copy committed pages from the WAL into the database file without waiting for
-        (or blocking) readers and writers; SQLite then reuses the WAL from its start."""
+        readers and writers; once the WAL holds 16 MB, also have it started over."""
         try:
-            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            db = self._db()
+            ((_, log_pages, _),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            if log_pages >= _RESTART_PAGES:
+                # Under steady writes the WAL is never found fully copied when a writer starts,
+                # so SQLite never starts it over and it grows to the backstop, whose checkpoint
+                # then stalls a request connection on a long fsync. RESTART copies the few pages
+                # written since the PASSIVE pass (holding writers off only for that short
+                # sync) and lets the next writer start the WAL from its beginning.
+                db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"could not checkpoint the job store {self.path}: {exc}") from None
 
