@@ -32,8 +32,8 @@ from fastdeploy.jobs import (
     result_document,
 )
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
-from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages, read_news
 from fastdeploy.store.bells import MAX_DATAGRAM, Bell, bell_folder
+from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages, read_news
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
