@@ -32,22 +32,27 @@ def outcome_entry(job_id: str, status: JobStatus, result: Optional[bytes], reaso
 def outcome_messages(entries: Sequence[list], limit: int) -> list[bytes]:
     """Entries packed into messages of at most ``limit`` bytes; an entry too large for one
     travels as its bare id (the API server reads it from the store)."""
+    packer = msgpack.Packer()
     messages: list[bytes] = []
-    chunk: list[list] = []
+    chunk: list[bytes] = []  # entries packed once; a message is an array header plus these
     size = 0
     bare: list[str] = []
+
+    def close_chunk() -> None:
+        messages.append(CARRIED + packer.pack_array_header(len(chunk)) + b"".join(chunk))
+
     for entry in entries:
-        one = len(msgpack.packb(entry))
-        if one > limit - 16:
+        one = packer.pack(entry)
+        if len(one) > limit - 16:
             bare.append(entry[0])
             continue
-        if size + one > limit - 16:
-            messages.append(CARRIED + msgpack.packb(chunk))
+        if size + len(one) > limit - 16:
+            close_chunk()
             chunk, size = [], 0
-        chunk.append(entry)
-        size += one
+        chunk.append(one)
+        size += len(one)
     if chunk:
-        messages.append(CARRIED + msgpack.packb(chunk))
+        close_chunk()
     return messages + id_messages(bare, limit)
 
 

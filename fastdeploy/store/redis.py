@@ -600,20 +600,23 @@ class RedisStore(Store):
             time.sleep(max(timeout, 0.0))
             return []
         started = time.monotonic()
-        ids: list[ResultNews] = []
+        heard: list[ResultNews] = []
         try:
             pubsub = self._subscribe()
             message = pubsub.get_message(timeout=min(max(timeout, 0.0), MAX_BELL_WAIT))
             while message is not None:
                 if message.get("type") == "message":
                     data = message["data"]
-                    ids.extend(read_news(data if isinstance(data, bytes) else str(data).encode()))
+                    try:
+                        heard.extend(read_news(data if isinstance(data, bytes) else str(data).encode()))
+                    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # the poll covers it
+                        log.warning("ignoring an unreadable result message: %s", exc)
                 message = pubsub.get_message(timeout=0.0)
-        except (redis.RedisError, OSError, ValueError, TypeError, msgpack.UnpackException) as exc:
+        except (redis.RedisError, OSError, ValueError) as exc:
             log.debug("results channel at %s: %s", self.address, exc)
             self._drop_pubsub()
             time.sleep(max(0.0, timeout - (time.monotonic() - started)))
-        return ids
+        return heard
 
     def wait_for_jobs(self, stage: int, timeout: float) -> None:
         """BLPOP one token of the stage's bell; during a Redis outage just sleep (the caller retries)."""
