@@ -32,6 +32,7 @@ from fastdeploy.jobs import (
     encode_stage_outputs,
 )
 from fastdeploy.recipe import Recipe, load_predictor
+from fastdeploy.rhythm import LoneRhythm
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
@@ -59,6 +60,7 @@ class LoopStats:
     predict_seconds: float = 0.0
     batch_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_BUCKETS))
     batch_sum: int = 0
+    spin_seconds: float = 0.0  # polled for the next ring instead of sleeping (at most; see fastdeploy.rhythm)
 
     def record_call(self, size: int, seconds: float) -> None:
         self.batches += 1
@@ -77,6 +79,7 @@ class LoopStats:
             "predict_seconds": self.predict_seconds,
             "batch_buckets": list(self.batch_buckets),
             "batch_sum": self.batch_sum,
+            "spin_seconds": self.spin_seconds,
         }
 
 
@@ -237,6 +240,7 @@ class PredictionLoop:
     def _serve(self) -> None:
         busy = False  # the last claim found work waiting
         last_batch_end = float("-inf")
+        rhythm = LoneRhythm(self.settings.spin_seconds)
         while not self._stop.is_set():
             try:
                 jobs = self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
@@ -246,10 +250,16 @@ class PredictionLoop:
                 continue
             if not jobs:
                 busy = False
-                self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
+                spin = rhythm.spin_seconds()
+                waited_from = time.perf_counter()
+                self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS, spin)
+                if spin:
+                    self.stats.spin_seconds += min(spin, time.perf_counter() - waited_from)
                 continue
+            since_last = time.monotonic() - last_batch_end
+            rhythm.observe(not busy and len(jobs) == 1, since_last)
             # clients that were just answered are likely sending again: worth a short wait
-            in_rhythm = time.monotonic() - last_batch_end < RHYTHM_SECONDS
+            in_rhythm = since_last < RHYTHM_SECONDS
             jobs = self._top_up(jobs, busy or in_rhythm)
             self.process(jobs, overlap=busy)
             busy = True

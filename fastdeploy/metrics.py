@@ -30,6 +30,10 @@ class _StoreCollector(Collector):
         alive = GaugeMetricFamily("fastdeploy_workers", "Prediction loops alive and ready, per stage", labels=["stage"])
         size = GaugeMetricFamily("fastdeploy_worker_batch_size", "Batch size each loop measured", labels=["stage", "worker"])
         items = GaugeMetricFamily("fastdeploy_worker_items_total", "Inputs each loop predicted", labels=["stage", "worker"])
+        spin = GaugeMetricFamily(
+            "fastdeploy_worker_spin_seconds_total", "Seconds each loop polled for work instead of sleeping (SPIN_US)",
+            labels=["stage", "worker"],
+        )
         hist = HistogramMetricFamily("fastdeploy_batch_size", "Inputs per predictor call, all live loops", labels=["stage"])
         per_stage: dict[int, tuple[list[int], int, int]] = {}
         ready: dict[int, int] = {stage: 0 for stage in range(len(depths))}
@@ -37,6 +41,7 @@ class _StoreCollector(Collector):
             ready[worker.stage] = ready.get(worker.stage, 0) + int(worker.ready)
             size.add_metric([str(worker.stage), worker.worker_id], worker.batch_size)
             items.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("items", 0))
+            spin.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("spin_seconds", 0.0))
             counts, calls, total = per_stage.get(worker.stage, ([0] * len(self._buckets), 0, 0))
             for i, value in enumerate(worker.stats.get("batch_buckets", [])[: len(counts)]):
                 counts[i] += value
@@ -52,6 +57,7 @@ class _StoreCollector(Collector):
         yield alive
         yield size
         yield items
+        yield spin
         yield hist
 
 
@@ -76,6 +82,10 @@ class Metrics:
         )
         self.latency = Histogram(
             "fastdeploy_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=own
+        )
+        self.spin = Counter(
+            "fastdeploy_api_spin_seconds", "Seconds API servers polled for a lone /sync answer instead of sleeping (SPIN_US)",
+            registry=own,
         )
         if multiprocess_dir:
             MultiProcessCollector(self.registry, path=multiprocess_dir)

@@ -32,6 +32,7 @@ from fastdeploy.jobs import (
 )
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
+from fastdeploy.rhythm import LoneRhythm
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
 
@@ -181,8 +182,12 @@ def _settle(futures: Sequence[asyncio.Future[None]], error: Optional[BaseExcepti
 class Service:
     """Accepts jobs, answers /sync waits, /result reads, readiness and meta."""
 
-    def __init__(self, settings: Settings, recipe: Recipe, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, recipe: Recipe, store: Store, on_spin: Optional[Callable[[float], None]] = None
+    ) -> None:
+        """``on_spin(seconds)``: told how long each lone /sync polled for its answer (a metric)."""
         self.settings = settings
+        self._on_spin = on_spin
         self.recipe = recipe
         self.store = store
         self.bridge = StoreBridge(store)
@@ -195,6 +200,7 @@ class Service:
         self._workers: list[WorkerInfo] = []
         self._unfinished = 0
         self._store_error: Optional[str] = None
+        self._rhythm = LoneRhythm(0.0)  # spinning only where result rings are local (set in start)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -202,6 +208,7 @@ class Service:
         self.store.listen_for_results()
         fileno = self.store.result_ring_fileno()
         if fileno is not None:  # rings arrive on the event loop itself; a task polls as the fallback
+            self._rhythm = LoneRhythm(self.settings.spin_seconds)
             self._loop.add_reader(fileno, self._on_ring)
             self._poller = asyncio.create_task(self._poll_waiters())
         else:
@@ -303,7 +310,12 @@ class Service:
         try:
             await self.bridge.submit(job, alone=len(self._waiters) == 1)
             self._unfinished += 1
+            submitted = time.perf_counter()
+            alone = len(self._waiters) == 1
+            if alone and (spin := self._rhythm.spin_seconds()) > 0:
+                self._spin_for(waiter, spin)
             view = await waiter
+            self._rhythm.observe(alone and len(self._waiters) == 1, time.perf_counter() - submitted)
         except SyncTimeout:
             reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
             return Answer(504, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
@@ -321,6 +333,18 @@ class Service:
             return Answer(200, body)
         reason = view.reason or "the prediction failed"
         return Answer(view.error_status, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+
+    def _spin_for(self, waiter: "asyncio.Future[JobView]", seconds: float) -> None:
+        """Poll for the ring that answers a lone request, on the event loop itself: it has
+        nothing else to do meanwhile, and a request that arrives waits at most ``seconds``
+        (see ``fastdeploy.rhythm``)."""
+        started = time.perf_counter()
+        until = started + seconds
+        while not waiter.done() and (left := until - time.perf_counter()) > 0:
+            if self.store.poll_result_rings(left):
+                self._on_ring()
+        if self._on_spin is not None:
+            self._on_spin(time.perf_counter() - started)
 
     async def _abandon(self, job_id: str) -> None:
         try:

@@ -58,6 +58,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", int, 0, "HTTP server processes sharing the port (0 = one per CPU core, at most 4)", ("WORKERS",), 0),
     Option("replicas", int, 1, "prediction loop processes per stage", (), 1),
     Option("threads", int, 0, "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", (), 0),
+    Option("spin_us", float, 1000.0, "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client sends request after request (0 = always sleep)", (), 0),
     Option("result_ttl", float, 3600.0, "seconds a finished result stays readable", ("RESULT_TTL",), 1),
     Option("max_body_mb", float, 100.0, "largest request body in MiB (413 above)", (), 0.001),
     Option("queue_limit", int, 100000, "most unfinished jobs before /sync and /async answer 503", (), 1),
@@ -91,6 +92,7 @@ class Settings:
     workers: int = 0
     replicas: int = 1
     threads: int = 0
+    spin_us: float = 1000.0
     result_ttl: float = 3600.0
     max_body_mb: float = 100.0
     queue_limit: int = 100000
@@ -110,6 +112,10 @@ class Settings:
     def api_processes(self) -> int:
         """How many HTTP server processes to run: WORKERS, or one per core (at most 4)."""
         return self.workers or max(1, min(4, os.cpu_count() or 1))
+
+    @property
+    def spin_seconds(self) -> float:
+        return self.spin_us / 1_000_000
 
     @property
     def max_body_bytes(self) -> int:

@@ -180,9 +180,9 @@ def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = open_store(settings.broker, settings.state_path)
-        svc = Service(settings, recipe, store)
+        measures = state["metrics"] = Metrics(lambda: svc.snapshot(), BATCH_BUCKETS, metrics_dir)
+        svc = Service(settings, recipe, store, on_spin=measures.spin.inc)
         state["service"] = svc
-        state["metrics"] = Metrics(svc.snapshot, BATCH_BUCKETS, metrics_dir)
         await svc.start()
         sender = WebhookSender(settings, store, svc.bridge.call)
         tasks = [asyncio.create_task(sender.run()), asyncio.create_task(_refresh_forever(svc))]

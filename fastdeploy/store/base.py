@@ -88,8 +88,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def wait_for_jobs(self, stage: int, timeout: float) -> None:
-        """Block up to ``timeout`` or until a ring says jobs are waiting at ``stage``."""
+    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
+        """Block up to ``timeout`` or until a ring says jobs are waiting at ``stage``.
+
+        ``spin``: where rings are local, look for one without sleeping for up to this
+        long first (see ``fastdeploy.rhythm``); other backends ignore it."""
 
     # -- workers --------------------------------------------------------------
     @abc.abstractmethod
@@ -137,6 +140,11 @@ class Store(abc.ABC):
         Without one, an API server waits in ``wait_for_results`` on a thread instead.
         """
         return None
+
+    def poll_result_rings(self, seconds: float) -> bool:
+        """Whether a result ring is waiting, looking for up to ``seconds`` without sleeping
+        (only where rings come to ``result_ring_fileno``; others answer False at once)."""
+        return False
 
     def take_result_rings(self) -> list[ResultNews]:
         """News from result rings already waiting, without blocking."""

@@ -618,7 +618,7 @@ class RedisStore(Store):
             time.sleep(max(0.0, timeout - (time.monotonic() - started)))
         return heard
 
-    def wait_for_jobs(self, stage: int, timeout: float) -> None:
+    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
         """BLPOP one token of the stage's bell; during a Redis outage just sleep (the caller retries)."""
         timeout = min(max(timeout, 0.0), MAX_BELL_WAIT)
         started = time.monotonic()

@@ -220,6 +220,9 @@ class SQLiteStore(Store):
     def result_ring_fileno(self) -> Optional[int]:
         return self._bell.fileno()
 
+    def poll_result_rings(self, seconds: float) -> bool:
+        return self._bell.poll(seconds)
+
     def try_submit(self, jobs: Sequence[NewJob]) -> bool:
         """Write now if the file is free this instant; never wait for another writer."""
         try:
@@ -442,8 +445,8 @@ class SQLiteStore(Store):
             for origin, entries in carried.items():  # straight to the API server that waits for them
                 self._ring_reader_after_commit(origin, outcome_messages(entries, MAX_DATAGRAM))
 
-    def wait_for_jobs(self, stage: int, timeout: float) -> None:
-        self._bell.wait(timeout)
+    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
+        self._bell.wait(timeout, spin)
 
     # -- workers --------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:

@@ -34,6 +34,7 @@ ALLOWED = {
     "settings": {"errors"},
     "jobs": set(),
     "batching": set(),
+    "rhythm": set(),
     "recipe": {"errors"},
     "payloads": {"errors"},
     "metrics": {"jobs"},

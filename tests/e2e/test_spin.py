@@ -1,0 +1,46 @@
+"""A lone client sending request after request makes the loop and the API server poll
+for the next ring instead of sleeping (SPIN_US); SPIN_US=0 turns that off."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import requests
+
+from tests.helpers import RECIPES, serve
+
+
+def _spin_seconds(text: str) -> tuple[float, float]:
+    loop = sum(float(v) for v in re.findall(r"^fastdeploy_worker_spin_seconds_total\{[^}]*\} (\S+)$", text, re.M))
+    api = re.search(r"^fastdeploy_api_spin_seconds_total (\S+)$", text, re.M)
+    assert api is not None, "the API spin counter is missing from /metrics"
+    return loop, float(api.group(1))
+
+
+def _lone_client(url: str, requests_in_a_row: int) -> None:
+    with requests.Session() as session:  # one keep-alive connection: one client in a closed loop
+        for i in range(requests_in_a_row):
+            body = session.post(f"{url}/sync", json={"data": [i]}, timeout=30).json()
+            assert body["success"] is True and body["prediction"] == [i]
+
+
+@pytest.mark.parametrize("spin_us", ["20000", "0"])
+def test_a_lone_client_makes_both_sides_spin_unless_turned_off(spin_us):
+    # 20 ms: generous, so a slow CI machine's gaps between requests still count as a rhythm
+    with serve(RECIPES / "echo", args=["--spin-us", spin_us]) as server:
+        _lone_client(server.url, 60)
+        deadline = time.monotonic() + 10  # loop figures come with heartbeats (0.2 s in tests)
+        loop, api = _spin_seconds(server.get("/metrics").text)
+        while spin_us != "0" and loop == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            loop, api = _spin_seconds(server.get("/metrics").text)
+        if spin_us == "0":
+            time.sleep(0.5)  # a heartbeat's time: a loop that spun would have said so
+            assert _spin_seconds(server.get("/metrics").text) == (0.0, 0.0)
+        else:
+            assert loop > 0.0, "the loop never polled for the next job"
+            assert api > 0.0, "the API server never polled for a lone /sync answer"
+            # spinning stays bounded: each wait polls for at most SPIN_US
+            assert loop <= 60 * 0.020 and api <= 60 * 0.020
