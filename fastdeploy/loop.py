@@ -241,9 +241,10 @@ class PredictionLoop:
         busy = False  # the last claim found work waiting
         last_batch_end = float("-inf")
         rhythm = LoneRhythm(self.settings.spin_seconds)
+        sole_loop = self.settings.replicas == 1  # nothing else claims from this stage
         while not self._stop.is_set():
             try:
-                jobs = self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
+                jobs = self._take(peek=sole_loop and rhythm.spin_seconds() > 0)
             except FastDeployError as exc:
                 log.warning("cannot claim jobs (retrying): %s", exc.reason)
                 self._stop.wait(1.0)
@@ -264,6 +265,16 @@ class PredictionLoop:
             self.process(jobs, overlap=busy)
             busy = True
             last_batch_end = time.monotonic()
+
+    def _take(self, peek: bool) -> list[ClaimedJob]:
+        """Claim the next jobs; in a lone client's rhythm, read the one queued job without
+        leasing it (``Store.peek``): a claim is a write transaction, and this loop is the
+        only one that takes jobs from its stage."""
+        if peek:
+            job = self.store.peek(self.stage)
+            if job is not None:
+                return [job]
+        return self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
 
     def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
         """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle.

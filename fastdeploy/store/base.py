@@ -126,6 +126,17 @@ class Store(abc.ABC):
         """Count a failed attempt and schedule the next one."""
 
     # -- optional fast paths ---------------------------------------------------
+    def peek(self, stage: int) -> Optional[ClaimedJob]:
+        """The job at the head of ``stage``'s queue, read but not leased; None when there is
+        none or the backend cannot tell cheaply (the caller then claims as usual).
+
+        For a stage that one loop serves alone, in a lone client's rhythm: a lease is a
+        write, and nothing competes for the job. ``finish`` accepts a job that is still
+        queued, a job cancelled or timed out meanwhile is not finished twice, and a loop
+        that dies leaves the job queued for the next one.
+        """
+        return None
+
     def try_submit(self, jobs: Sequence[NewJob]) -> bool:
         """Submit at once if that needs no waiting at all (no network, no lock held by
         another writer); False means nothing was written and ``submit`` must be used.

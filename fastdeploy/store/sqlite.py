@@ -329,6 +329,19 @@ class SQLiteStore(Store):
         return heard
 
     # -- loop side ------------------------------------------------------------
+    def peek(self, stage: int) -> Optional[ClaimedJob]:
+        row = self._db().execute(
+            "SELECT id, payload, n_items, deadline FROM jobs"
+            " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT 1",
+            (stage,),
+        ).fetchone()
+        if row is None:
+            return None
+        job_id, payload, n_items, deadline = row
+        if payload is None or (deadline is not None and deadline < time.time()):
+            return None  # a large input or a timed-out job: the claim handles those
+        return ClaimedJob(job_id, stage, payload, n_items, deadline)
+
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
         claimed: list[ClaimedJob] = []

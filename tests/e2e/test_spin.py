@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers import RECIPES, serve
+from tests.helpers import RECIPES, TEST_RECIPES, serve
 
 
 def _spin_seconds(text: str) -> tuple[float, float]:
@@ -44,3 +44,20 @@ def test_a_lone_client_makes_both_sides_spin_unless_turned_off(spin_us):
             assert api > 0.0, "the API server never polled for a lone /sync answer"
             # spinning stays bounded: each wait polls for at most SPIN_US
             assert loop <= 60 * 0.020 and api <= 60 * 0.020
+
+
+def test_a_loop_that_dies_on_a_job_it_only_peeked_leaves_it_queued_for_the_next(tmp_path):
+    # in a lone client's rhythm the only loop of a stage reads its job without leasing it
+    # (Store.peek); if it dies on that job, the job is still queued and its /sync is answered
+    marker = tmp_path / "crashed"
+    env = {"BATCH_SIZE": "1", "FD_TEST_CRASH_MARKER": str(marker)}
+    with serve(TEST_RECIPES / "faulty", args=["--spin-us", "20000"], env=env) as server:
+        with requests.Session() as session:
+            for i in range(30):
+                assert session.post(f"{server.url}/sync", json={"data": [i]}, timeout=30).json()["prediction"] == [i]
+            response = session.post(f"{server.url}/sync", json={"data": ["crash"]}, timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.json()["prediction"] == ["crash"]
+        assert marker.exists()  # it did die on it
+        log = server.log()
+        assert "exited with code 3; 0 job(s) requeued" in log, log[-2000:]

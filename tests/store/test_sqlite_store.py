@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from fastdeploy.jobs import JobView, NewJob, Outcome
+from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome
 from fastdeploy.store.bells import MAX_DATAGRAM
 from fastdeploy.store.sqlite import SQLiteStore
 
@@ -58,6 +58,54 @@ def test_a_chain_moves_a_large_stage_output_to_the_next_stage(tmp_path):
         assert _payload_ids(tmp_path) == []  # the small output went back into the row
         (last,) = store.claim(2, 8, "w3", 30)
         assert last.payload == b"z"
+    finally:
+        store.close()
+
+
+# -- peek: a lone client's job read without a lease ----------------------------------
+def test_peek_reads_the_head_of_the_queue_without_leasing_it(tmp_path):
+    store = SQLiteStore(tmp_path)
+    try:
+        assert store.peek(0) is None
+        store.submit([NewJob("a", b"1", 1, 9, None, None), NewJob("b", b"2", 1, 9, None, None)])
+        peeked = store.peek(0)
+        assert peeked is not None and (peeked.id, peeked.payload, peeked.n_items) == ("a", b"1", 1)
+        assert store.get(["a"])["a"].status is JobStatus.QUEUED
+        assert [j.id for j in store.claim(0, 8, "w1", 30)] == ["a", "b"]  # nothing was held back
+    finally:
+        store.close()
+
+
+def test_a_peeked_job_is_finished_once_and_a_dying_loop_leaves_it_queued(tmp_path):
+    store = SQLiteStore(tmp_path)
+    try:
+        store.submit([NewJob("a", b"1", 1, 9, None, None), NewJob("b", b"2", 1, 9, None, None)])
+        assert store.peek(0).id == "a"
+        store.release_worker("w1")  # the loop died mid-prediction: nothing to requeue, "a" never left
+        assert store.peek(0).id == "a"
+        store.finish([Outcome("a", 0, result=b"[1]")], "w1")
+        store.finish([Outcome("a", 0, result=b"[2]")], "w2")  # a late duplicate changes nothing
+        view = store.get(["a"])["a"]
+        assert (view.status, view.result) == (JobStatus.DONE, b"[1]")
+        assert store.peek(0).id == "b"
+    finally:
+        store.close()
+
+
+def test_peek_leaves_cancelled_timed_out_and_large_jobs_to_the_claim(tmp_path):
+    store = SQLiteStore(tmp_path)
+    try:
+        store.submit([NewJob("gone", b"1", 1, 9, time.time() + 60, None)])
+        store.cancel(["gone"], "client gone", 499)
+        store.finish([Outcome("gone", 0, result=b"[1]")], "w1")  # predicted after all: not delivered
+        assert store.get(["gone"])["gone"].status is JobStatus.FAILED
+        assert store.peek(0) is None
+        store.submit([NewJob("late", b"1", 1, 9, time.time() - 1, None)])
+        assert store.peek(0) is None  # the claim fails it as timed out
+        assert store.claim(0, 8, "w1", 30) == [] and store.get(["late"])["late"].status is JobStatus.FAILED
+        store.submit([NewJob("big", b"x" * 100_000, 1, 9, None, None)])
+        assert store.peek(0) is None  # its input lives in the payloads table
+        assert [j.id for j in store.claim(0, 8, "w1", 30)] == ["big"]
     finally:
         store.close()
 
