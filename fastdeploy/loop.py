@@ -243,8 +243,9 @@ class PredictionLoop:
         rhythm = LoneRhythm(self.settings.spin_seconds)
         sole_loop = self.settings.replicas == 1  # nothing else claims from this stage
         while not self._stop.is_set():
+            lone_rhythm = rhythm.spin_seconds() > 0
             try:
-                jobs = self._take(peek=sole_loop and rhythm.spin_seconds() > 0)
+                jobs, peeked = self._take(peek=sole_loop and lone_rhythm)
             except FastDeployError as exc:
                 log.warning("cannot claim jobs (retrying): %s", exc.reason)
                 self._stop.wait(1.0)
@@ -259,22 +260,26 @@ class PredictionLoop:
                 continue
             since_last = time.monotonic() - last_batch_end
             rhythm.observe(not busy and len(jobs) == 1, since_last)
-            # clients that were just answered are likely sending again: worth a short wait
+            # clients that were just answered are likely sending again: worth a short wait,
+            # except for a lone client, whose next request cannot come before this answer
+            # (and whose job, if only peeked, is still queued: a claim would take it twice)
             in_rhythm = since_last < RHYTHM_SECONDS
-            jobs = self._top_up(jobs, busy or in_rhythm)
-            self.process(jobs, overlap=busy)
+            if not lone_rhythm:
+                jobs = self._top_up(jobs, busy or in_rhythm)
+            # a peeked job stays queued until its outcome is recorded: record it before taking more
+            self.process(jobs, overlap=busy and not peeked)
             busy = True
             last_batch_end = time.monotonic()
 
-    def _take(self, peek: bool) -> list[ClaimedJob]:
+    def _take(self, peek: bool) -> tuple[list[ClaimedJob], bool]:
         """Claim the next jobs; in a lone client's rhythm, read the one queued job without
         leasing it (``Store.peek``): a claim is a write transaction, and this loop is the
-        only one that takes jobs from its stage."""
+        only one that takes jobs from its stage. Also says whether the jobs were peeked."""
         if peek:
             job = self.store.peek(self.stage)
             if job is not None:
-                return [job]
-        return self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
+                return [job], True
+        return self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds), False
 
     def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
         """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle.

@@ -45,6 +45,7 @@ WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watch
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
 WRITE_AT_ONCE_BYTES = 32 * 1024  # jobs this large are not held for the event-loop turn's group commit
 SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
+SPIN_SLICE_SECONDS = 0.0001  # a lone /sync polls this long at a time between event-loop turns
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class Service:
             submitted = time.perf_counter()
             alone = len(self._waiters) == 1
             if alone and (spin := self._rhythm.spin_seconds()) > 0:
-                self._spin_for(waiter, spin)
+                await self._spin_for(waiter, spin)
             view = await waiter
             self._rhythm.observe(alone and len(self._waiters) == 1, time.perf_counter() - submitted)
         except SyncTimeout:
@@ -334,15 +335,18 @@ class Service:
         reason = view.reason or "the prediction failed"
         return Answer(view.error_status, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
 
-    def _spin_for(self, waiter: "asyncio.Future[JobView]", seconds: float) -> None:
-        """Poll for the ring that answers a lone request, on the event loop itself: it has
-        nothing else to do meanwhile, and a request that arrives waits at most ``seconds``
-        (see ``fastdeploy.rhythm``)."""
+    async def _spin_for(self, waiter: "asyncio.Future[JobView]", seconds: float) -> None:
+        """Poll for the ring that answers a lone request, on the event loop itself, for up
+        to ``seconds`` (see ``fastdeploy.rhythm``). Every SPIN_SLICE_SECONDS the event loop
+        gets a turn to take in other requests; once one is in, this one is no longer alone
+        and stops polling (a crowd must not be served one request at a time)."""
         started = time.perf_counter()
         until = started + seconds
-        while not waiter.done() and (left := until - time.perf_counter()) > 0:
-            if self.store.poll_result_rings(left):
+        while not waiter.done() and len(self._waiters) == 1 and (left := until - time.perf_counter()) > 0:
+            if self.store.poll_result_rings(min(left, SPIN_SLICE_SECONDS)):
                 self._on_ring()
+            else:
+                await asyncio.sleep(0)
         if self._on_spin is not None:
             self._on_spin(time.perf_counter() - started)
 

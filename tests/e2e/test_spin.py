@@ -3,8 +3,10 @@ for the next ring instead of sleeping (SPIN_US); SPIN_US=0 turns that off."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -61,3 +63,23 @@ def test_a_loop_that_dies_on_a_job_it_only_peeked_leaves_it_queued_for_the_next(
         assert marker.exists()  # it did die on it
         log = server.log()
         assert "exited with code 3; 0 job(s) requeued" in log, log[-2000:]
+
+
+def test_in_the_lone_rhythm_each_input_is_predicted_once(tmp_path):
+    # a fixed batch size makes the loop wait for a fuller batch after a batch of one; a job
+    # it only peeked at must not be claimed a second time by that wait
+    log = tmp_path / "calls.jsonl"
+    env = {"FD_TEST_LOG": str(log), "FD_TEST_SLEEP": "0.002", "BATCH_SIZE": "8", "FASTDEPLOY_MAX_WAIT": "1000"}
+    with serve(TEST_RECIPES / "slow", args=["--spin-us", "20000"], env=env) as server:
+        with requests.Session() as session:
+            for i in range(40):
+                body = session.post(f"{server.url}/sync", json={"data": [f"r{i}"]}, timeout=30).json()
+                assert [p["echo"] for p in body["prediction"]] == [f"r{i}"]
+        # then a crowd arrives while the loop is still in the lone rhythm
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: server.post("/sync", {"data": [f"c{i}"]}).json(), range(48)))
+        assert [a["prediction"][0]["echo"] for a in answers] == [f"c{i}" for i in range(48)]
+        predicted = [x for line in log.read_text().splitlines() for x in json.loads(line)["inputs"]]
+        expected = [f"r{i}" for i in range(40)] + [f"c{i}" for i in range(48)]
+        assert sorted(predicted) == sorted(expected), predicted
+        assert max(len(json.loads(line)["inputs"]) for line in log.read_text().splitlines()) > 1  # batched again
