@@ -243,7 +243,8 @@ class PredictionLoop:
         rhythm = LoneRhythm(self.settings.spin_seconds)
         sole_loop = self.settings.replicas == 1  # nothing else claims from this stage
         while not self._stop.is_set():
-            lone_rhythm = rhythm.spin_seconds() > 0
+            spin = rhythm.spin_seconds()  # > 0: a lone client's rhythm
+            lone_rhythm = spin > 0
             try:
                 jobs, peeked = self._take(peek=sole_loop and lone_rhythm)
             except FastDeployError as exc:
@@ -252,10 +253,9 @@ class PredictionLoop:
                 continue
             if not jobs:
                 busy = False
-                spin = rhythm.spin_seconds()
                 waited_from = time.perf_counter()
                 self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS, spin)
-                if spin:
+                if lone_rhythm:
                     self.stats.spin_seconds += min(spin, time.perf_counter() - waited_from)
                 continue
             since_last = time.monotonic() - last_batch_end
