@@ -263,9 +263,8 @@ class PredictionLoop:
             # clients that were just answered are likely sending again: worth a short wait,
             # except for a lone client, whose next request cannot come before this answer
             # (and whose job, if only peeked, is still queued: a claim would take it twice)
-            in_rhythm = since_last < RHYTHM_SECONDS
             if not lone_rhythm:
-                jobs = self._top_up(jobs, busy or in_rhythm)
+                jobs = self._top_up(jobs, busy or since_last < RHYTHM_SECONDS)
             # a peeked job stays queued until its outcome is recorded: record it before taking more
             self.process(jobs, overlap=busy and not peeked)
             busy = True

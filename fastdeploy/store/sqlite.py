@@ -98,6 +98,11 @@ _RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoin
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
+# the first queued jobs of a stage, in the order loops take them (claim and peek)
+_QUEUE_HEAD = (
+    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
+    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?"
+)
 
 
 def _inline(payload: bytes) -> Optional[bytes]:
@@ -330,14 +335,10 @@ class SQLiteStore(Store):
 
     # -- loop side ------------------------------------------------------------
     def peek(self, stage: int) -> Optional[ClaimedJob]:
-        row = self._db().execute(
-            "SELECT id, payload, n_items, deadline FROM jobs"
-            " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT 1",
-            (stage,),
-        ).fetchone()
+        row = self._db().execute(_QUEUE_HEAD, (stage, 1)).fetchone()
         if row is None:
             return None
-        job_id, payload, n_items, deadline = row
+        _, job_id, payload, n_items, deadline, _ = row
         if payload is None or (deadline is not None and deadline < time.time()):
             return None  # a large input or a timed-out job: the claim handles those
         return ClaimedJob(job_id, stage, payload, n_items, deadline)
@@ -350,11 +351,7 @@ class SQLiteStore(Store):
         with self._write() as db:
             items = 0
             while True:  # another round only when every row read was claimed or timed out
-                rows = db.execute(
-                    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
-                    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?",
-                    (stage, limit),
-                ).fetchall()
+                rows = db.execute(_QUEUE_HEAD, (stage, limit)).fetchall()
                 taken: list[int] = []
                 full = False
                 for seq, job_id, payload, n_items, deadline, webhook in rows:
