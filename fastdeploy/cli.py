@@ -34,7 +34,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": f"{option.help} [env {names}]"}
         if option.type not in (int, float, str):  # booleans: --only-async or --only-async=false
             kwargs.update(nargs="?", const="true", metavar="BOOL")
-        parser.add_argument(option.flag, **kwargs)
+        parser.add_argument(option.flag, *option.alias_flags, **kwargs)  # alias flags: renamed options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,13 +134,13 @@ def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str
 
 def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str) -> int:
     from fastdeploy.loop import PredictionLoop
-    from fastdeploy.store import open_store
+    from fastdeploy.store import open_backend
 
-    store = open_store(settings.broker, settings.state_path)
-    loop = PredictionLoop(settings, recipe, stage, worker_id, store)
+    backend = open_backend(settings.broker, settings.state_path, settings.spin_seconds)
+    loop = PredictionLoop(settings, recipe, stage, worker_id, backend.store, backend.doorbell)
     loop.install_signal_handlers()
     try:
         loop.run()
     finally:
-        store.close()
+        backend.close()
     return 0

@@ -58,7 +58,7 @@ class NewJob:
     priority: int
     deadline: Optional[float] = None  # wall-clock time after which nobody waits (sync)
     webhook: Optional[str] = None
-    waited: bool = False  # a /sync request in the submitting API server waits for the outcome
+    origin: Optional[str] = None  # doorbell address of the API server whose /sync request waits for the outcome
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,3 @@ def encode_prediction(outputs: list[Any], keys: Optional[list[str]]) -> bytes:
     """The final prediction as JSON bytes: a list, or an object keyed by the request's file names."""
     value: Any = dict(zip(keys, outputs)) if keys is not None else outputs
     return orjson.dumps(value, default=_json_default, option=_JSON_OPTIONS)
-
-
-def result_document(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str]) -> bytes:
-    """The JSON body /result answers and a webhook receives, built without re-encoding the prediction."""
-    head = b'{"unique_id":' + orjson.dumps(job_id) + b',"status":"' + status.value.encode() + b'"'
-    if status is JobStatus.DONE:
-        return head + b',"success":true,"prediction":' + (result or b"null") + b"}"
-    if status is JobStatus.FAILED:
-        return head + b',"success":false,"reason":' + orjson.dumps(reason or "failed") + b"}"
-    return head + b',"success":null}'

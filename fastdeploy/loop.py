@@ -1,9 +1,10 @@
 """The prediction loop: claim queued jobs, run one stage's predictor in batches, record outcomes.
 
 One loop process serves one stage. It warms up on the recipe's example, measures its
-batch size, then repeatedly claims jobs (across requests) up to that size, splits
-anything bigger, bisects a failing batch so only the requests holding the bad input
-fail, and reports itself with a heartbeat that also extends its leases.
+batch size, then repeatedly claims jobs (across requests) up to that size and predicts
+them (``predicting``: split, bisect, failures mapped back to requests), and reports
+itself with a heartbeat that also extends its leases. Its doorbell wakes it when jobs
+arrive.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from fastdeploy.jobs import (
     encode_prediction,
     encode_stage_outputs,
 )
+from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests
 from fastdeploy.recipe import Recipe, load_predictor
-from fastdeploy.rhythm import LoneRhythm
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
+from fastdeploy.store.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,8 @@ IDLE_POLL_SECONDS = 0.25  # fallback poll when no ring arrives
 ARRIVAL_GAP_SECONDS = 0.002  # a fuller batch is waited for only while requests keep arriving
 MIN_FILL_WAIT_SECONDS = 0.0005  # shorter fill waits are skipped
 RHYTHM_SECONDS = 0.05  # work arriving this soon after a batch counts as load, not a lone request
+HEARTBEAT_RETRY_SECONDS = 1.0
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-class PredictorOutputError(Exception):
-    """The predictor returned something fastDeploy cannot hand back (wrong length)."""
 
 
 @dataclass
@@ -60,7 +59,6 @@ class LoopStats:
     predict_seconds: float = 0.0
     batch_buckets: list[int] = field(default_factory=lambda: [0] * len(BATCH_BUCKETS))
     batch_sum: int = 0
-    spin_seconds: float = 0.0  # polled for the next ring instead of sleeping (at most; see fastdeploy.rhythm)
 
     def record_call(self, size: int, seconds: float) -> None:
         self.batches += 1
@@ -79,7 +77,6 @@ class LoopStats:
             "predict_seconds": self.predict_seconds,
             "batch_buckets": list(self.batch_buckets),
             "batch_sum": self.batch_sum,
-            "spin_seconds": self.spin_seconds,
         }
 
 
@@ -104,20 +101,18 @@ def _limit_torch_threads(threads: int) -> None:
             log.warning("could not set torch threads: %s", exc)
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class PredictionLoop:
     """Serves one stage of a recipe from the store until asked to stop."""
 
-    def __init__(self, settings: Settings, recipe: Recipe, stage: int, worker_id: str, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, recipe: Recipe, stage: int, worker_id: str, store: Store, doorbell: Doorbell
+    ) -> None:
         self.settings = settings
         self.recipe = recipe
         self.stage = stage
         self.worker_id = worker_id
         self.store = store
+        self.doorbell = doorbell
         self.stats = LoopStats()
         self.batch_size = max(1, settings.batch_size or 1)
         self.seconds_per_item = 0.0
@@ -141,7 +136,7 @@ class PredictionLoop:
 
     def run(self) -> None:
         """Load, warm up, measure, then serve until stopped. Leaves no job leased behind."""
-        self.store.listen_for_jobs(self.stage)
+        self.doorbell.listen_for_jobs(self.stage)
         heartbeat = threading.Thread(target=self._heartbeat_forever, name="heartbeat", daemon=True)
         heartbeat.start()
         try:
@@ -204,22 +199,19 @@ class PredictionLoop:
                 break
         return min(times)
 
-    def _call(self, inputs: Sequence[Any]) -> list[Any]:
+    def _predict(self, inputs: list[Any]) -> object:
         assert self._predictor is not None
-        outputs = self._predictor(list(inputs), batch_size=len(inputs))
-        if outputs is None or not hasattr(outputs, "__len__"):
-            raise PredictorOutputError(f"the predictor returned {type(outputs).__name__}, not a list of outputs")
-        if len(outputs) != len(inputs):
-            raise PredictorOutputError(
-                f"the predictor returned {len(outputs)} outputs for {len(inputs)} inputs; it must return one per input"
-            )
-        return list(outputs)
+        return self._predictor(inputs, batch_size=len(inputs))
+
+    def _call(self, inputs: Sequence[Any]) -> list[Any]:
+        """One checked predictor call (warm-up and measurement: errors end the start-up)."""
+        return check_outputs(self._predict(list(inputs)), len(inputs))
 
     # -- heartbeat ------------------------------------------------------------
     def _info(self) -> WorkerInfo:
+        stats = {**self.stats.as_dict(), **self.doorbell.stats}
         return WorkerInfo(
-            self.worker_id, self.stage, socket.gethostname(), os.getpid(), self.batch_size, self.ready,
-            time.time(), self.stats.as_dict(),
+            self.worker_id, self.stage, socket.gethostname(), os.getpid(), self.batch_size, self.ready, time.time(), stats
         )
 
     def _send_heartbeat(self) -> None:
@@ -229,9 +221,13 @@ class PredictionLoop:
             log.warning("heartbeat failed (will retry): %s", exc.reason)
 
     def _heartbeat_forever(self) -> None:
+        """The heartbeat thread: it must outlive any failure, or the loop's jobs are requeued under it."""
         parent = os.getppid()
         while not self._stop.wait(self.settings.heartbeat_seconds):
-            self._send_heartbeat()
+            try:
+                self._send_heartbeat()
+            except Exception:  # a thread's top: log it, keep beating
+                log.exception("heartbeat failed")
             if os.getppid() != parent:
                 log.warning("the supervisor is gone; stopping")
                 self.stop()
@@ -240,45 +236,23 @@ class PredictionLoop:
     def _serve(self) -> None:
         busy = False  # the last claim found work waiting
         last_batch_end = float("-inf")
-        rhythm = LoneRhythm(self.settings.spin_seconds)
-        sole_loop = self.settings.replicas == 1  # nothing else claims from this stage
         while not self._stop.is_set():
-            spin = rhythm.spin_seconds()  # > 0: a lone client's rhythm
-            lone_rhythm = spin > 0
             try:
-                jobs, peeked = self._take(peek=sole_loop and lone_rhythm)
+                jobs = self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds)
             except FastDeployError as exc:
                 log.warning("cannot claim jobs (retrying): %s", exc.reason)
                 self._stop.wait(1.0)
                 continue
             if not jobs:
                 busy = False
-                waited_from = time.perf_counter()
-                self.store.wait_for_jobs(self.stage, IDLE_POLL_SECONDS, spin)
-                if lone_rhythm:
-                    self.stats.spin_seconds += min(spin, time.perf_counter() - waited_from)
+                self.doorbell.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
                 continue
-            since_last = time.monotonic() - last_batch_end
-            rhythm.observe(not busy and len(jobs) == 1, since_last)
-            # clients that were just answered are likely sending again: worth a short wait,
-            # except for a lone client, whose next request cannot come before this answer
-            # (and whose job, if only peeked, is still queued: a claim would take it twice)
-            if not lone_rhythm:
-                jobs = self._top_up(jobs, busy or since_last < RHYTHM_SECONDS)
-            # a peeked job stays queued until its outcome is recorded: record it before taking more
-            self.process(jobs, overlap=busy and not peeked)
+            self.doorbell.jobs_claimed(len(jobs))
+            # clients that were just answered are likely sending again: worth a short wait
+            jobs = self._top_up(jobs, busy or time.monotonic() - last_batch_end < RHYTHM_SECONDS)
+            self.process(jobs, overlap=busy)
             busy = True
             last_batch_end = time.monotonic()
-
-    def _take(self, peek: bool) -> tuple[list[ClaimedJob], bool]:
-        """Claim the next jobs; in a lone client's rhythm, read the one queued job without
-        leasing it (``Store.peek``): a claim is a write transaction, and this loop is the
-        only one that takes jobs from its stage. Also says whether the jobs were peeked."""
-        if peek:
-            job = self.store.peek(self.stage)
-            if job is not None:
-                return [job], True
-        return self.store.claim(self.stage, self.batch_size, self.worker_id, self.settings.lease_seconds), False
 
     def _top_up(self, jobs: list[ClaimedJob], busy: bool) -> list[ClaimedJob]:
         """Under load, wait a little (MAX_WAIT) for a fuller batch; never when idle.
@@ -296,7 +270,7 @@ class PredictionLoop:
         deadline = time.monotonic() + wait
         while have < self.batch_size and (remaining := deadline - time.monotonic()) > 0:
             waited_from = time.monotonic()
-            self.store.wait_for_jobs(self.stage, min(remaining, ARRIVAL_GAP_SECONDS))
+            self.doorbell.wait_for_more_jobs(self.stage, min(remaining, ARRIVAL_GAP_SECONDS))
             try:
                 more = self.store.claim(self.stage, self.batch_size - have, self.worker_id, self.settings.lease_seconds)
             except FastDeployError:  # the store is down: predict what we hold
@@ -317,45 +291,44 @@ class PredictionLoop:
         """
         written: list[tuple[Path, list[str]]] = []
         try:
-            flat: list[Any] = []
-            owners: list[int] = []  # job index of each flat input
-            spans: list[tuple[int, int]] = []  # (first flat index, count) per job
-            keys: list[Optional[list[str]]] = []
-            failures: dict[int, str] = {}
-            for index, job in enumerate(jobs):
-                inputs: list[Any] = []
-                job_keys: Optional[list[str]] = None
-                try:
-                    inputs, job_keys = decode_payload(job.payload)
-                    if self._file_stage:
-                        folder, paths = self._scratch_folder().write(inputs)
-                        written.append((folder, paths))
-                        inputs = paths
-                except Exception as exc:  # a corrupt payload fails its own job only
-                    failures[index] = f"could not prepare the inputs: {_describe(exc)}"
-                    inputs = []
-                spans.append((len(flat), len(inputs)))
-                keys.append(job_keys)
-                flat.extend(inputs)
-                owners.extend([index] * len(inputs))
-            results: list[Any] = [None] * len(flat)
-            for first in range(0, len(flat), self.batch_size):
-                last = min(len(flat), first + self.batch_size)
-                self._predict_range(flat, owners, spans, results, failures, list(range(first, last)))
+            prepared = [self._prepare(job, written) for job in jobs]
+            results = predict_requests(
+                self._predict, [inputs for inputs, _, _ in prepared], self.batch_size,
+                on_call=self.stats.record_call, on_failure=lambda i, pos, exc: self._log_failure(jobs[i], pos, exc),
+            )
             outcomes = [
-                self._outcome(job, results[spans[i][0] : spans[i][0] + spans[i][1]], keys[i], failures.get(i))
-                for i, job in enumerate(jobs)
+                self._outcome(job, result, keys, failure)
+                for job, (_, keys, failure), result in zip(jobs, prepared, results)
             ]
         finally:
             for folder, paths in written:  # before the answer goes out: files never outlive their request
                 Scratch.remove(folder, paths)
-        self.stats.failed_jobs += len(failures)
+        self.stats.failed_jobs += sum(1 for o in outcomes if o.reason is not None)
         if overlap:
             self._hand_over(outcomes)
         else:
             if self._recording is not None:
                 self._recording.result()  # keep outcomes in order with the recorder's
             self._record(outcomes)
+
+    def _prepare(
+        self, job: ClaimedJob, written: list[tuple[Path, list[str]]]
+    ) -> tuple[list[Any], Optional[list[str]], Optional[str]]:
+        """A job's inputs for the predictor (its files written to scratch), its file keys, and
+        why it cannot be predicted (a corrupt payload fails its own job only)."""
+        try:
+            inputs, keys = decode_payload(job.payload)
+            if self._file_stage:
+                folder, paths = self._scratch_folder().write(inputs)
+                written.append((folder, paths))
+                inputs = paths
+            return inputs, keys, None
+        except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
+            return [], None, f"could not prepare the inputs: {describe(exc)}"
+
+    def _log_failure(self, job: ClaimedJob, position: int, exc: BaseException) -> None:
+        log.info("job %s failed on input %d: %s", job.id, position, describe(exc),
+                 exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
 
     def _scratch_folder(self) -> Scratch:
         if self._scratch is None:
@@ -388,44 +361,17 @@ class PredictionLoop:
             self._stop.wait(delay)
             delay = min(2 * delay, 5.0)
 
-    def _predict_range(
-        self,
-        flat: list[Any],
-        owners: list[int],
-        spans: list[tuple[int, int]],
-        results: list[Any],
-        failures: dict[int, str],
-        indices: list[int],
-    ) -> None:
-        """Predict flat[indices]; on an error bisect so only the requests holding failing inputs fail."""
-        live = [i for i in indices if owners[i] not in failures]
-        if not live:
-            return
-        t0 = time.perf_counter()
-        try:
-            outputs = self._call([flat[i] for i in live])
-        except Exception as exc:  # the predictor is user code: contain whatever it raises
-            if len(live) == 1:
-                owner = owners[live[0]]
-                position = live[0] - spans[owner][0]
-                failures[owner] = f"the predictor failed on input {position} of this request: {_describe(exc)}"
-                log.info("job %s failed on input %d: %s", owner, position, _describe(exc))
-                return
-            half = len(live) // 2
-            self._predict_range(flat, owners, spans, results, failures, live[:half])
-            self._predict_range(flat, owners, spans, results, failures, live[half:])
-            return
-        self.stats.record_call(len(live), time.perf_counter() - t0)
-        for i, output in zip(live, outputs):
-            results[i] = output
-
-    def _outcome(self, job: ClaimedJob, outputs: list[Any], keys: Optional[list[str]], failure: Optional[str]) -> Outcome:
-        if failure is not None:
-            return Outcome(job.id, self.stage, reason=failure)
+    def _outcome(
+        self, job: ClaimedJob, result: RequestResult, keys: Optional[list[str]], failure: Optional[str]
+    ) -> Outcome:
+        failure = failure or result.failure
+        if failure is not None or result.outputs is None:
+            return Outcome(job.id, self.stage, reason=failure or "the prediction failed")
+        outputs = result.outputs
         try:
             if self._is_last:
                 return Outcome(job.id, self.stage, result=encode_prediction(outputs, keys))
             return Outcome(job.id, self.stage, payload=encode_stage_outputs(outputs, keys), n_items=len(outputs))
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"
-            return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {_describe(exc)}")
+            return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {describe(exc)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -17,9 +17,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class _StoreCollector(Collector):
     """Queue depth per stage, live loops and their batch sizes, read from the store at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]], buckets: Sequence[int]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]],
+        buckets: Sequence[int],
+        doorbell_help: Mapping[str, str],
+    ) -> None:
         self._snapshot = snapshot
         self._buckets = buckets
+        self._doorbell_help = doorbell_help
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         depths, workers = self._snapshot()
@@ -30,10 +36,10 @@ class _StoreCollector(Collector):
         alive = GaugeMetricFamily("fastdeploy_workers", "Prediction loops alive and ready, per stage", labels=["stage"])
         size = GaugeMetricFamily("fastdeploy_worker_batch_size", "Batch size each loop measured", labels=["stage", "worker"])
         items = GaugeMetricFamily("fastdeploy_worker_items_total", "Inputs each loop predicted", labels=["stage", "worker"])
-        spin = GaugeMetricFamily(
-            "fastdeploy_worker_spin_seconds_total", "Seconds each loop polled for work instead of sleeping (SPIN_US)",
-            labels=["stage", "worker"],
-        )
+        doorbell = {  # counters the loops' doorbells report with each heartbeat
+            name: GaugeMetricFamily(f"fastdeploy_worker_{name}_total", f"{text}, per loop", labels=["stage", "worker"])
+            for name, text in self._doorbell_help.items()
+        }
         hist = HistogramMetricFamily("fastdeploy_batch_size", "Inputs per predictor call, all live loops", labels=["stage"])
         per_stage: dict[int, tuple[list[int], int, int]] = {}
         ready: dict[int, int] = {stage: 0 for stage in range(len(depths))}
@@ -41,7 +47,8 @@ class _StoreCollector(Collector):
             ready[worker.stage] = ready.get(worker.stage, 0) + int(worker.ready)
             size.add_metric([str(worker.stage), worker.worker_id], worker.batch_size)
             items.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("items", 0))
-            spin.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("spin_seconds", 0.0))
+            for name, family in doorbell.items():
+                family.add_metric([str(worker.stage), worker.worker_id], float(worker.stats.get(name, 0.0)))
             counts, calls, total = per_stage.get(worker.stage, ([0] * len(self._buckets), 0, 0))
             for i, value in enumerate(worker.stats.get("batch_buckets", [])[: len(counts)]):
                 counts[i] += value
@@ -57,7 +64,7 @@ class _StoreCollector(Collector):
         yield alive
         yield size
         yield items
-        yield spin
+        yield from doorbell.values()
         yield hist
 
 
@@ -74,22 +81,36 @@ class Metrics:
         snapshot: Callable[[], tuple[Sequence[int], Sequence[WorkerInfo]]],
         batch_buckets: Sequence[int],
         multiprocess_dir: Optional[str] = None,
+        doorbell_help: Optional[Mapping[str, str]] = None,
     ) -> None:
+        """``doorbell_help``: the counters the doorbells report (name -> help text)."""
         self.registry = CollectorRegistry()
         own = None if multiprocess_dir else self.registry
+
         self.requests = Counter(
             "fastdeploy_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=own
         )
         self.latency = Histogram(
             "fastdeploy_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=own
         )
-        self.spin = Counter(
-            "fastdeploy_api_spin_seconds", "Seconds API servers polled for a lone /sync answer instead of sleeping (SPIN_US)",
-            registry=own,
-        )
+        doorbell_help = doorbell_help or {}
+        self._doorbell = {
+            name: Counter(f"fastdeploy_api_{name}", f"{text}, all API server processes", registry=own)
+            for name, text in doorbell_help.items()
+        }
+        self._doorbell_seen: dict[str, float] = {}
         if multiprocess_dir:
             MultiProcessCollector(self.registry, path=multiprocess_dir)
-        self.registry.register(_StoreCollector(snapshot, batch_buckets))
+        self.registry.register(_StoreCollector(snapshot, batch_buckets, doorbell_help))
+
+    def track_doorbell(self, stats: Mapping[str, float]) -> None:
+        """Bring the counters up to this process's doorbell totals (called now and then)."""
+        for name, counter in self._doorbell.items():
+            value = float(stats.get(name, 0.0))
+            delta = value - self._doorbell_seen.get(name, 0.0)
+            if delta > 0:
+                counter.inc(delta)
+                self._doorbell_seen[name] = value
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

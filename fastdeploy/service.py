@@ -2,9 +2,9 @@
 
 Store calls block, so they run on one dedicated thread; submissions made in one turn of
 the event loop are written together (group commit), on the event loop itself when the
-store can write without waiting. The loops' "results ready" rings resolve the futures of
-waiting /sync requests: on the event loop when the store's doorbell is a local socket
-(SQLite), else on a listener thread (Redis pub/sub); a short poll covers lost rings.
+store can write without waiting. The doorbell delivers news of finished jobs to the
+event loop, where it resolves the futures of waiting /sync requests; a short poll of
+the store covers lost rings.
 """
 
 from __future__ import annotations
@@ -17,24 +17,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
-import orjson
-
+from fastdeploy import bodies
 from fastdeploy.errors import FastDeployError, StoreUnavailable, Unavailable
-from fastdeploy.jobs import (
-    JobStatus,
-    JobView,
-    NewJob,
-    ResultNews,
-    WorkerInfo,
-    encode_inputs,
-    new_job_id,
-    result_document,
-)
+from fastdeploy.jobs import JobStatus, JobView, NewJob, ResultNews, WorkerInfo, encode_inputs, new_job_id
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
-from fastdeploy.rhythm import LoneRhythm
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
+from fastdeploy.store.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +35,6 @@ WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watch
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
 WRITE_AT_ONCE_BYTES = 32 * 1024  # jobs this large are not held for the event-loop turn's group commit
 SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
-SPIN_SLICE_SECONDS = 0.0001  # a lone /sync polls this long at a time between event-loop turns
 
 
 @dataclass(frozen=True)
@@ -83,11 +72,8 @@ class StoreBridge:
         the turn's other requests to be parsed first delays it by milliseconds."""
         alone = alone or len(job.payload) >= WRITE_AT_ONCE_BYTES
         if alone and not self._turn_flush_scheduled and not self._thread_flush_scheduled and not self._pending:
-            try:
-                if self.store.try_submit([job]):
-                    return
-            except Exception as exc:  # the grouped path below reports real errors
-                log.debug("immediate submit failed: %s", exc)
+            if self._submit_now([job]):
+                return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
@@ -104,18 +90,22 @@ class StoreBridge:
                 return  # the store thread will take these with its next write
             batch = self._pending
             self._pending = []
-        try:
-            written = self.store.try_submit([job for job, _ in batch])
-        except Exception as exc:  # a failing fast path falls back to the thread, which reports errors
-            log.debug("immediate submit failed: %s", exc)
-            written = False
-        if written:
+        if self._submit_now([job for job, _ in batch]):
             _settle([f for _, f in batch], None)
             return
         with self._lock:
             self._pending[:0] = batch
             self._thread_flush_scheduled = True
         self._executor.submit(self._flush_thread, loop)
+
+    def _submit_now(self, jobs: Sequence[NewJob]) -> bool:
+        """Write on the event loop if the store needs no waiting; a failure here falls back
+        to the store thread, which reports it."""
+        try:
+            return self.store.submit(jobs, block=False)
+        except FastDeployError as exc:
+            log.debug("immediate submit failed: %s", exc.reason)
+            return False
 
     def _flush_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -128,9 +118,6 @@ class StoreBridge:
             self.store.submit([job for job, _ in batch])
         except FastDeployError as exc:
             error = exc
-        except Exception as exc:  # store backends may raise their own errors: report as unavailable
-            log.exception("store submit failed")
-            error = StoreUnavailable(f"the job store failed: {exc}")
         loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
 
     def close(self) -> None:
@@ -183,49 +170,32 @@ def _settle(futures: Sequence[asyncio.Future[None]], error: Optional[BaseExcepti
 class Service:
     """Accepts jobs, answers /sync waits, /result reads, readiness and meta."""
 
-    def __init__(
-        self, settings: Settings, recipe: Recipe, store: Store, on_spin: Optional[Callable[[float], None]] = None
-    ) -> None:
-        """``on_spin(seconds)``: told how long each lone /sync polled for its answer (a metric)."""
+    def __init__(self, settings: Settings, recipe: Recipe, store: Store, doorbell: Doorbell) -> None:
         self.settings = settings
-        self._on_spin = on_spin
         self.recipe = recipe
         self.store = store
+        self.doorbell = doorbell
         self.bridge = StoreBridge(store)
         self._waiters: dict[str, asyncio.Future[JobView]] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._stop = threading.Event()
-        self._listener: Optional[threading.Thread] = None
         self._poller: Optional[asyncio.Task[None]] = None
+        self._reads: set[asyncio.Task[None]] = set()
         self._depths: list[int] = [0] * recipe.stages
         self._workers: list[WorkerInfo] = []
         self._unfinished = 0
         self._store_error: Optional[str] = None
-        self._rhythm = LoneRhythm(0.0)  # spinning only where result rings are local (set in start)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.store.listen_for_results()
-        fileno = self.store.result_ring_fileno()
-        if fileno is not None:  # rings arrive on the event loop itself; a task polls as the fallback
-            self._rhythm = LoneRhythm(self.settings.spin_seconds)
-            self._loop.add_reader(fileno, self._on_ring)
-            self._poller = asyncio.create_task(self._poll_waiters())
-        else:
-            self._listener = threading.Thread(target=self._listen, name="results", daemon=True)
-            self._listener.start()
+        self.doorbell.listen_for_results()
+        self.doorbell.watch_results(asyncio.get_running_loop(), self._deliver)
+        self._poller = asyncio.create_task(self._poll_waiters())
         await self.refresh()
 
     async def stop(self) -> None:
-        self._stop.set()
-        fileno = self.store.result_ring_fileno()
-        if fileno is not None and self._loop is not None:
-            self._loop.remove_reader(fileno)
-        if self._poller is not None:
-            self._poller.cancel()
-        if self._listener is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 2.0)
+        self.doorbell.stop_watching()
+        for task in (self._poller, *self._reads):
+            if task is not None:
+                task.cancel()
         self.bridge.close()
 
     # -- snapshot of store state (readiness, meta, metrics, queue bound) -------
@@ -236,9 +206,6 @@ class Service:
             self._store_error = None
         except FastDeployError as exc:
             self._store_error = exc.reason
-        except Exception as exc:  # backend-specific connection errors
-            self._store_error = f"the job store is unreachable: {exc}"
-            log.warning("store snapshot failed: %s", exc)
 
     def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int]:
         now = time.time()
@@ -278,10 +245,8 @@ class Service:
     def _new_job(self, request: ParsedRequest, deadline: Optional[float]) -> NewJob:
         """A /sync job (one with a deadline) is waited for here: the store sends its outcome back to this process."""
         payload = encode_inputs(request.inputs, request.keys)
-        return NewJob(
-            new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook,
-            waited=deadline is not None,
-        )
+        origin = self.doorbell.address if deadline is not None else None
+        return NewJob(new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook, origin)
 
     async def submit_async(self, request: ParsedRequest) -> str:
         self._check_capacity()
@@ -311,15 +276,10 @@ class Service:
         try:
             await self.bridge.submit(job, alone=len(self._waiters) == 1)
             self._unfinished += 1
-            submitted = time.perf_counter()
-            alone = len(self._waiters) == 1
-            if alone and (spin := self._rhythm.spin_seconds()) > 0:
-                await self._spin_for(waiter, spin)
-            view = await waiter
-            self._rhythm.observe(alone and len(self._waiters) == 1, time.perf_counter() - submitted)
+            view = await self.doorbell.wait_for_answer(waiter, alone=lambda: len(self._waiters) == 1)
         except SyncTimeout:
             reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
-            return Answer(504, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
+            return Answer(504, bodies.failure(reason, job.id))
         except ClientGone:
             await self._abandon(job.id)
             return Answer(499, b"")  # nobody reads it
@@ -330,53 +290,26 @@ class Service:
                 start_watch.cancel()
             watch.stop()
         if view.status is JobStatus.DONE:
-            body = b'{"success":true,"unique_id":' + orjson.dumps(job.id) + b',"prediction":' + (view.result or b"null") + b"}"
-            return Answer(200, body)
-        reason = view.reason or "the prediction failed"
-        return Answer(view.error_status, orjson.dumps({"success": False, "reason": reason, "unique_id": job.id}))
-
-    async def _spin_for(self, waiter: "asyncio.Future[JobView]", seconds: float) -> None:
-        """Poll for the ring that answers a lone request, on the event loop itself, for up
-        to ``seconds`` (see ``fastdeploy.rhythm``). Every SPIN_SLICE_SECONDS the event loop
-        gets a turn to take in other requests; once one is in, this one is no longer alone
-        and stops polling (a crowd must not be served one request at a time)."""
-        started = time.perf_counter()
-        until = started + seconds
-        while not waiter.done() and len(self._waiters) == 1 and (left := until - time.perf_counter()) > 0:
-            if self.store.poll_result_rings(min(left, SPIN_SLICE_SECONDS)):
-                self._on_ring()
-            else:
-                await asyncio.sleep(0)
-        if self._on_spin is not None:
-            self._on_spin(time.perf_counter() - started)
+            return Answer(200, bodies.prediction(job.id, view.result))
+        return Answer(view.error_status, bodies.failure(view.reason or "the prediction failed", job.id))
 
     async def _abandon(self, job_id: str) -> None:
         try:
             await self.bridge.call(self.store.cancel, [job_id], CLIENT_GONE_REASON, 499)
-        except Exception as exc:  # the job then runs to the end; only work is wasted
-            log.warning("could not take abandoned job %s off the queue: %s", job_id, exc)
+        except FastDeployError as exc:  # the job then runs to the end; only work is wasted
+            log.warning("could not take abandoned job %s off the queue: %s", job_id, exc.reason)
 
     async def result(self, unique_id: str) -> Answer:
         views = await self.bridge.call(self.store.get, [unique_id])
         view = views.get(unique_id)
         if view is None:
-            reason = f"unique_id {unique_id!r} is unknown or its result has expired"
-            body = {"unique_id": unique_id, "status": "not_found", "success": False, "reason": reason}
-            return Answer(404, orjson.dumps(body))
-        return Answer(200, result_document(view.id, view.status, view.result, view.reason))
+            return Answer(404, bodies.not_found(unique_id))
+        return Answer(200, bodies.result_document(view.id, view.status, view.result, view.reason))
 
-    # -- results: rings on the event loop (local stores) -----------------------
-    def _on_ring(self) -> None:
-        try:
-            carried, wanted = self._sort_news(self.store.take_result_rings())
-            self._resolve(carried)
-            if wanted:
-                self._resolve([v for v in self.store.get(wanted).values() if v.status.finished])
-        except Exception as exc:  # the poll task covers whatever a failed read missed
-            log.warning("reading results after a ring failed: %s", exc)
-
-    def _sort_news(self, news: Sequence[ResultNews]) -> tuple[list[JobView], list[str]]:
-        """Outcomes that came whole, and the ids of waited-for jobs whose outcome must be read."""
+    # -- results -------------------------------------------------------------
+    def _deliver(self, news: list[ResultNews]) -> None:
+        """News from the doorbell, on the event loop: outcomes carried whole resolve their
+        waiters at once; bare ids of jobs waited for here are read from the store."""
         carried: list[JobView] = []
         wanted: list[str] = []
         for item in news:
@@ -384,38 +317,26 @@ class Service:
                 carried.append(item)
             elif item in self._waiters:
                 wanted.append(item)
-        return carried, wanted
+        self._resolve(carried)
+        if wanted:
+            task = asyncio.create_task(self._read_and_resolve(wanted))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+
+    async def _read_and_resolve(self, ids: list[str]) -> None:
+        try:
+            views = await self.bridge.call(self.store.get, ids)
+        except FastDeployError as exc:  # store down: the poll tries again; /sync waits until TIMEOUT, then 504
+            log.warning("reading finished jobs failed: %s", exc.reason)
+            return
+        self._resolve([v for v in views.values() if v.status.finished])
 
     async def _poll_waiters(self) -> None:
         """The fallback for lost rings: look at every waiting job now and then."""
         while True:
             await asyncio.sleep(RESULT_POLL_SECONDS)
-            if not self._waiters:
-                continue
-            try:
-                views = await self.bridge.call(self.store.get, list(self._waiters))
-            except Exception as exc:  # store down: /sync waits until TIMEOUT, then 504
-                log.warning("polling results failed: %s", exc)
-                continue
-            self._resolve([v for v in views.values() if v.status.finished])
-
-    # -- results: rings on a thread (network stores) ---------------------------
-    def _listen(self) -> None:
-        last_poll = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                carried, wanted = self._sort_news(self.store.wait_for_results(RESULT_POLL_SECONDS))
-                if time.monotonic() - last_poll >= RESULT_POLL_SECONDS:
-                    wanted = list(self._waiters)  # fallback: check every waiter
-                    last_poll = time.monotonic()
-                views = self.store.get(wanted) if wanted else {}
-            except Exception as exc:  # keep listening whatever the store does; it may come back
-                log.warning("result listener: %s", exc)
-                self._stop.wait(0.5)
-                continue
-            finished = carried + [v for v in views.values() if v.status.finished]
-            if finished and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._resolve, finished)
+            if self._waiters:
+                await self._read_and_resolve(list(self._waiters))
 
     def _resolve(self, views: list[JobView]) -> None:
         for view in views:

@@ -1,14 +1,17 @@
 """One typed, frozen Settings object, read from flags and the environment in one place.
 
-Every option is declared once in ``OPTIONS``: its flag, its environment names (the
-original fastDeploy names such as ``TIMEOUT`` keep working) and its default. Precedence:
-command-line flag, then ``FASTDEPLOY_<NAME>``, then the original name, then the default.
+Every option is declared once, as a field of ``Settings`` with its default and its
+metadata (help, original environment names, minimum, extra flags); ``OPTIONS`` is derived
+from those fields, so a default cannot drift between two lists. The original fastDeploy
+names such as ``TIMEOUT`` keep working. Precedence: command-line flag, then
+``FASTDEPLOY_<NAME>``, then the original names in order, then the default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -26,7 +29,7 @@ def _parse_bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Option:
-    """How one setting is named, typed and documented."""
+    """How one setting is named, typed and documented (derived from a ``Settings`` field)."""
 
     name: str
     type: Callable[[str], Any]
@@ -34,6 +37,7 @@ class Option:
     help: str
     legacy_env: tuple[str, ...] = ()
     minimum: Optional[float] = None
+    aliases: tuple[str, ...] = ()  # former setting names, still accepted as flags
 
     @property
     def env(self) -> str:
@@ -43,35 +47,21 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def alias_flags(self) -> tuple[str, ...]:
+        """Extra flags for the same setting, so renamed options keep old command lines working."""
+        return tuple("--" + alias.replace("_", "-") for alias in self.aliases)
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", str, "0.0.0.0", "address the HTTP server listens on"),
-    Option("port", int, 8080, "port the HTTP server listens on", ("PORT",), 0),
-    Option("state_dir", str, "", "folder for the embedded store (default RECIPE/.fastdeploy)"),
-    Option("broker", str, "", "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store"),
-    Option("timeout", float, 480.0, "seconds a /sync request may wait before 504", ("TIMEOUT",), 0.001),
-    Option("max_per_client_batch", int, 0, "most inputs in one request (0 = no limit)", ("MAX_PER_CLIENT_BATCH",), 0),
-    Option("only_async", _parse_bool, False, "refuse /sync (clients must use /async)", ("ONLY_ASYNC",)),
-    Option("batch_size", int, 0, "fix the batch size instead of measuring it at start-up (0 = measure)", ("BATCH_SIZE",), 0),
-    Option("max_batch_size", int, 256, "largest batch size the start-up search tries", (), 1),
-    Option("max_wait", float, 0.5, "how long a loop waits for a fuller batch, as a multiple of the time per example (only under load)", ("MAX_WAIT",), 0),
-    Option("workers", int, 0, "HTTP server processes sharing the port (0 = one per CPU core, at most 4)", ("WORKERS",), 0),
-    Option("replicas", int, 1, "prediction loop processes per stage", (), 1),
-    Option("threads", int, 0, "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", (), 0),
-    Option("spin_us", float, 1000.0, "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client sends request after request (0 = always sleep)", (), 0),
-    Option("result_ttl", float, 3600.0, "seconds a finished result stays readable", ("RESULT_TTL",), 1),
-    Option("max_body_mb", float, 100.0, "largest request body in MiB (413 above)", (), 0.001),
-    Option("queue_limit", int, 100000, "most unfinished jobs before /sync and /async answer 503", (), 1),
-    Option("lease_seconds", float, 30.0, "how long a claimed job stays with a loop that stops heartbeating", (), 0.1),
-    Option("heartbeat_seconds", float, 1.0, "how often loops report they are alive", (), 0.01),
-    Option("webhook_attempts", int, 8, "deliveries tried per webhook before giving up", (), 1),
-    Option("webhook_timeout", float, 10.0, "seconds a webhook receiver has to answer", (), 0.01),
-    Option("webhook_backoff", float, 1.0, "first retry delay in seconds; doubles each attempt", (), 0),
-    Option("webhook_hosts", str, "", "comma-separated hosts webhooks may target (empty = any)"),
-    Option("log_level", str, "info", "debug, info, warning or error"),
-)
 
-_BY_NAME = {option.name: option for option in OPTIONS}
+def _meta(
+    text: str,
+    *,
+    env: tuple[str, ...] = (),
+    minimum: Optional[float] = None,
+    aliases: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Field metadata that makes a ``Settings`` field an option; keeps each declaration on one line."""
+    return {"help": text, "legacy_env": env, "minimum": minimum, "aliases": aliases}
 
 
 @dataclass(frozen=True)
@@ -79,30 +69,46 @@ class Settings:
     """Everything a fastDeploy process needs to know, resolved once at start-up."""
 
     recipe_dir: Path
-    host: str = "0.0.0.0"
-    port: int = 8080
-    state_dir: str = ""
-    broker: str = ""
-    timeout: float = 480.0
-    max_per_client_batch: int = 0
-    only_async: bool = False
-    batch_size: int = 0
-    max_batch_size: int = 256
-    max_wait: float = 0.5
-    workers: int = 0
-    replicas: int = 1
-    threads: int = 0
-    spin_us: float = 1000.0
-    result_ttl: float = 3600.0
-    max_body_mb: float = 100.0
-    queue_limit: int = 100000
-    lease_seconds: float = 30.0
-    heartbeat_seconds: float = 1.0
-    webhook_attempts: int = 8
-    webhook_timeout: float = 10.0
-    webhook_backoff: float = 1.0
-    webhook_hosts: str = ""
-    log_level: str = "info"
+    host: str = field(default="0.0.0.0", metadata=_meta("address the HTTP server listens on"))
+    port: int = field(default=8080, metadata=_meta("port the HTTP server listens on", env=("PORT",), minimum=0))
+    state_dir: str = field(default="", metadata=_meta("folder for the embedded store (default RECIPE/.fastdeploy)"))
+    broker: str = field(default="", metadata=_meta(
+        "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store"))
+    timeout: float = field(default=480.0, metadata=_meta(
+        "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001))
+    max_per_client_batch: int = field(default=0, metadata=_meta(
+        "most inputs in one request (0 = no limit)", env=("MAX_PER_CLIENT_BATCH",), minimum=0))
+    only_async: bool = field(default=False, metadata=_meta(
+        "refuse /sync (clients must use /async)", env=("ONLY_ASYNC",)))
+    batch_size: int = field(default=0, metadata=_meta(
+        "fix the batch size instead of measuring it at start-up (0 = measure)", env=("BATCH_SIZE",), minimum=0))
+    max_batch_size: int = field(default=256, metadata=_meta("largest batch size the start-up search tries", minimum=1))
+    max_wait: float = field(default=0.5, metadata=_meta(
+        "how long a loop waits for a fuller batch, as a multiple of the time per example (only under load)",
+        env=("MAX_WAIT",), minimum=0))
+    http_processes: int = field(default=0, metadata=_meta(
+        "HTTP server processes sharing the port (0 = one per CPU core, at most 4)",
+        env=("FASTDEPLOY_WORKERS", "WORKERS"), minimum=0, aliases=("workers",)))
+    replicas: int = field(default=1, metadata=_meta("prediction loop processes per stage", minimum=1))
+    threads: int = field(default=0, metadata=_meta(
+        "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", minimum=0))
+    spin_us: float = field(default=1000.0, metadata=_meta(
+        "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client "
+        "sends request after request (0 = always sleep)", minimum=0))
+    result_ttl: float = field(default=3600.0, metadata=_meta(
+        "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1))
+    max_body_mb: float = field(default=100.0, metadata=_meta("largest request body in MiB (413 above)", minimum=0.001))
+    queue_limit: int = field(default=100000, metadata=_meta(
+        "most unfinished jobs before /sync and /async answer 503", minimum=1))
+    lease_seconds: float = field(default=30.0, metadata=_meta(
+        "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1))
+    heartbeat_seconds: float = field(default=1.0, metadata=_meta("how often loops report they are alive", minimum=0.01))
+    webhook_attempts: int = field(default=8, metadata=_meta("deliveries tried per webhook before giving up", minimum=1))
+    webhook_timeout: float = field(default=10.0, metadata=_meta("seconds a webhook receiver has to answer", minimum=0.01))
+    webhook_backoff: float = field(default=1.0, metadata=_meta(
+        "first retry delay in seconds; doubles each attempt", minimum=0))
+    webhook_hosts: str = field(default="", metadata=_meta("comma-separated hosts webhooks may target (empty = any)"))
+    log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
     @property
     def state_path(self) -> Path:
@@ -110,8 +116,8 @@ class Settings:
 
     @property
     def api_processes(self) -> int:
-        """How many HTTP server processes to run: WORKERS, or one per core (at most 4)."""
-        return self.workers or max(1, min(4, os.cpu_count() or 1))
+        """How many HTTP server processes to run: http_processes, or one per core (at most 4)."""
+        return self.http_processes or max(1, min(4, os.cpu_count() or 1))
 
     @property
     def spin_seconds(self) -> float:
@@ -134,6 +140,36 @@ class Settings:
         return env
 
 
+# `from __future__ import annotations` leaves field types as strings: name each parser explicitly
+_PARSERS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def _options_from_fields() -> tuple[Option, ...]:
+    """One Option per ``Settings`` field that carries option metadata (all but recipe_dir)."""
+    options: list[Option] = []
+    for f in dataclasses.fields(Settings):
+        if "help" not in f.metadata:
+            continue
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if type_name not in _PARSERS:
+            raise TypeError(f"setting {f.name}: no parser for type {type_name!r}")
+        options.append(Option(
+            name=f.name,
+            type=_PARSERS[type_name],
+            default=f.default,
+            help=f.metadata["help"],
+            legacy_env=f.metadata["legacy_env"],
+            minimum=f.metadata["minimum"],
+            aliases=f.metadata["aliases"],
+        ))
+    return tuple(options)
+
+
+OPTIONS: tuple[Option, ...] = _options_from_fields()
+
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
 def _convert(option: Option, raw: Any, source: str) -> Any:
     try:
         value = option.type(raw) if isinstance(raw, str) else raw
@@ -151,7 +187,7 @@ def load_settings(
     flags: Optional[Mapping[str, Any]] = None,
     environ: Optional[Mapping[str, str]] = None,
 ) -> Settings:
-    """Resolve every option: flag, then FASTDEPLOY_* variable, then original name, then default."""
+    """Resolve every option: flag, then FASTDEPLOY_* variable, then original names in order, then default."""
     flags = dict(flags or {})
     environ = os.environ if environ is None else environ
     unknown = set(flags) - set(_BY_NAME)

@@ -269,8 +269,8 @@ class Supervisor:
         if child.role == "loop" and child.worker_id is not None and self._store is not None:
             try:
                 requeued = self._store.release_worker(child.worker_id)
-            except Exception as exc:  # store down: the lease runs out instead
-                log.warning("could not requeue jobs of %s: %s", child.worker_id, exc)
+            except FastDeployError as exc:  # store down: the lease runs out instead
+                log.warning("could not requeue jobs of %s: %s", child.worker_id, exc.reason)
                 requeued = 0
             log.error(
                 "prediction loop for stage %s exited with code %s; %d job(s) requeued; restarting in %.1f s",
@@ -283,7 +283,7 @@ class Supervisor:
         assert self._store is not None
         try:
             workers = self._store.workers()
-        except Exception:  # not essential; try on the next tick
+        except FastDeployError:  # not essential; try on the next tick
             return
         ready = {w.stage for w in workers if w.ready and any(c.worker_id == w.worker_id for c in self.children)}
         if all(stage in ready for stage in self.stages):
@@ -303,8 +303,8 @@ class Supervisor:
                 if child.worker_id is not None:
                     try:
                         self._store.release_worker(child.worker_id)
-                    except Exception as exc:  # the store may be gone already
-                        log.warning("could not release %s: %s", child.worker_id, exc)
+                    except FastDeployError as exc:  # the store may be gone already
+                        log.warning("could not release %s: %s", child.worker_id, exc.reason)
 
     @staticmethod
     def _stop_group(children: Sequence[Child], grace: float) -> None:

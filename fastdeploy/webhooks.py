@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 import httpx
 
+from fastdeploy.errors import FastDeployError
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store, WebhookDelivery
 
@@ -56,9 +57,9 @@ class WebhookSender:
                         if outage:
                             log.info("webhook outbox reachable again")
                         outage = False
-                    except Exception as exc:  # store down: say so once, try again shortly
+                    except FastDeployError as exc:  # store down: say so once, try again shortly
                         if not outage:
-                            log.warning("webhook outbox unavailable (retrying quietly): %s", exc)
+                            log.warning("webhook outbox unavailable (retrying quietly): %s", exc.reason)
                         outage = True
                 for delivery in deliveries:
                     task = asyncio.create_task(self._deliver(delivery))
@@ -81,9 +82,7 @@ class WebhookSender:
                 await self._call(self.store.webhook_delivered, delivery.job_id)
                 return
             error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # never let one webhook break the sender
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:  # the receiver's fault, or its URL's
             error = f"{type(exc).__name__}: {exc}"
         attempts = delivery.attempts + 1
         try:
@@ -94,5 +93,5 @@ class WebhookSender:
                 delay = next_delay(self.settings, delivery.attempts)
                 log.info("webhook for %s failed (%s); retry %d in %.1f s", delivery.job_id, error, attempts, delay)
                 await self._call(self.store.webhook_retry, delivery.job_id, time.time() + delay)
-        except Exception as exc:  # the lease runs out and another try happens later
-            log.warning("could not record webhook attempt for %s: %s", delivery.job_id, exc)
+        except FastDeployError as exc:  # the lease runs out and another try happens later
+            log.warning("could not record webhook attempt for %s: %s", delivery.job_id, exc.reason)

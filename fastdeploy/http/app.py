@@ -1,4 +1,12 @@
-"""Routes, error mapping and body limits. Talks only to the service, never to a loop."""
+"""Routes, the error contract and body limits of one API server process.
+
+Talks only to the service, never to a loop. Every handler is a module-level function
+``handler(api, scope, receive) -> Reply``; ``answer`` runs it, turns any error into a
+reply (one error contract for every endpoint) and records the request's metrics.
+``POST /sync`` takes a plain ASGI path in front of Starlette (``FastDeployApp``): it is
+the request a synchronous client makes every time, and Starlette's middleware, routing
+and Request/Response objects were a large share of its cost (py-spy, W1 at 64 clients).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,9 @@ import logging
 import os
 import signal
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,52 +27,123 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fastdeploy import bodies
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
 from fastdeploy.http.openapi import openapi_document
 from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
 from fastdeploy.payloads import parse_request, parse_unique_id
 from fastdeploy.recipe import Recipe
-from fastdeploy.service import SNAPSHOT_SECONDS, Service
+from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
 from fastdeploy.settings import Settings
-from fastdeploy.store import open_store
+from fastdeploy.store import Backend, open_backend
 from fastdeploy.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 ONLY_ASYNC_REASON = "this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction"
-Handler = Callable[[Request], Awaitable[Response]]
 
 
-def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
-    return Response(body, status_code=status, media_type=JSON, headers=headers)
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer: status, body, extra headers and content type."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = JSON
+
+    @classmethod
+    def of(cls, answer: Answer) -> "Reply":
+        return cls(answer.status, answer.body)
 
 
-def _error_parts(exc: FastDeployError) -> tuple[int, bytes, Optional[dict[str, str]]]:
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return exc.status, orjson.dumps({"success": False, "reason": exc.reason}), headers
-
-
-def error_response(exc: FastDeployError) -> Response:
-    return json_response(*_error_parts(exc))
-
-
-_INTERNAL_ERROR = b'{"success":false,"reason":"internal server error; see the server log"}'
-
-
-class _AsgiEndpoint:
-    """Lets Starlette route to a plain ASGI function (it wraps bare functions as request handlers)."""
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self._app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
-
-
-class _ClientLeft(Exception):
+class ClientLeft(Exception):
     """The client closed the connection before its body arrived."""
+
+
+class ApiProcess:
+    """What one API server process owns: store and doorbell, service, webhook sender,
+    metrics and the task that keeps its snapshot fresh. Started and stopped with the app."""
+
+    def __init__(self, settings: Settings, recipe: Recipe, metrics_dir: Optional[str]) -> None:
+        self.settings = settings
+        self.recipe = recipe
+        self._metrics_dir = metrics_dir
+        self._backend: Optional[Backend] = None
+        self._service: Optional[Service] = None
+        self._metrics: Optional[Metrics] = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def service(self) -> Service:
+        assert self._service is not None, "the API process has not started"
+        return self._service
+
+    @property
+    def metrics(self) -> Metrics:
+        assert self._metrics is not None, "the API process has not started"
+        return self._metrics
+
+    async def start(self) -> None:
+        s = self.settings
+        backend = self._backend = open_backend(s.broker, s.state_path, s.spin_seconds)
+        self._service = Service(s, self.recipe, backend.store, backend.doorbell)
+        self._metrics = Metrics(self.service.snapshot, BATCH_BUCKETS, self._metrics_dir, backend.doorbell.STATS)
+        await self.service.start()
+        sender = WebhookSender(s, backend.store, self.service.bridge.call)
+        self._tasks = [asyncio.create_task(sender.run()), asyncio.create_task(self._refresh_forever())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._service is not None:
+            await self._service.stop()
+        if self._backend is not None:
+            self._backend.close()
+
+    async def _refresh_forever(self) -> None:
+        """Keep readiness, queue depth, maintenance and metrics fresh; stop if the supervisor is gone."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(SNAPSHOT_SECONDS)
+            await self.service.refresh()
+            if self._backend is not None:
+                self.metrics.track_doorbell(self._backend.doorbell.stats)
+            if os.getppid() != parent:
+                log.warning("the supervisor is gone; stopping")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+# -- the error contract and the request boundary --------------------------------------
+def error_reply(exc: BaseException, endpoint: str) -> Reply:
+    """The one mapping from an error to an answer: ours carry status and reason; a client
+    that left gets a quiet 499; anything else is logged with its trace and answered 500
+    without it."""
+    if isinstance(exc, FastDeployError):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else {}
+        return Reply(exc.status, bodies.failure(exc.reason), headers)
+    if isinstance(exc, ClientLeft):
+        return Reply(499, b"")  # nobody reads it
+    log.error("unexpected error on %s", endpoint, exc_info=exc)
+    return Reply(500, bodies.INTERNAL_ERROR)
+
+
+Handler = Callable[["ApiProcess", Scope, Receive], Awaitable[Reply]]
+
+
+async def answer(endpoint: str, api: ApiProcess, handler: Handler, scope: Scope, receive: Receive) -> Reply:
+    """Run a handler at the request boundary: every error becomes a reply, every reply a metric."""
+    started = time.perf_counter()
+    try:
+        reply = await handler(api, scope, receive)
+    except Exception as exc:  # the ASGI boundary: error_reply logs the unexpected with its trace
+        reply = error_reply(exc, endpoint)
+    api.metrics.observe(endpoint, reply.status, time.perf_counter() - started)
+    return reply
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -77,7 +156,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientLeft()
+            raise ClientLeft()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -87,165 +166,135 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(parts)
 
 
-async def _asgi_disconnected(receive: Receive) -> None:
+async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def _send_json(send: Send, status: int, body: bytes, headers: Optional[dict[str, str]] = None) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+# -- handlers ---------------------------------------------------------------------------
+async def sync_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    s = api.settings
+    if s.only_async:
+        raise BadRequest(ONLY_ASYNC_REASON)
+    parsed = parse_request(
+        await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=True,
+        max_items=s.max_per_client_batch,
+    )
+    return Reply.of(await api.service.predict_sync(parsed, functools.partial(_disconnected, receive)))
+
+
+async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    s = api.settings
+    parsed = parse_request(
+        await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=False,
+        max_items=s.max_per_client_batch, allowed_webhook_hosts=s.allowed_webhook_hosts,
+    )
+    return Reply(200, bodies.accepted(await api.service.submit_async(parsed)))
+
+
+async def result_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    unique_id = parse_unique_id(await read_body(scope, receive, api.settings.max_body_bytes))
+    return Reply.of(await api.service.result(unique_id))
+
+
+async def health_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    return Reply(200, bodies.ALIVE)
+
+
+async def ready_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    reason = api.service.not_ready_reason()
+    if reason is None:
+        return Reply(200, bodies.READY)
+    return Reply(503, bodies.failure(reason), {"Retry-After": "1"})
+
+
+async def meta_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    return Reply(200, bodies.document(api.service.meta()))
+
+
+async def metrics_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    return Reply(200, api.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    return Reply(200, bodies.document(openapi_document(api.recipe)))
+
+
+# -- Starlette glue ---------------------------------------------------------------------
+def _route(path: str, endpoint: Optional[str], handler: Handler) -> Route:
+    """A Starlette route for a handler; ``endpoint`` names it in the request metrics (None: not counted)."""
+
+    async def run(request: Request) -> Response:
+        api: ApiProcess = request.app.state.api
+        if endpoint is None:
+            reply = await handler(api, request.scope, request.receive)
+        else:
+            reply = await answer(endpoint, api, handler, request.scope, request.receive)
+        return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+
+    return Route(path, run, methods=["GET"] if handler not in _POSTS else ["POST"])
+
+
+_POSTS = {sync_handler, async_handler, result_handler}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in our shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+    if status == 404:
+        detail = f"no endpoint {request.url.path}; see GET /openapi.json for the endpoints"
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    return Response(bodies.failure(detail), status_code=status, media_type=JSON)
+
+
+async def _send(send: Send, reply: Reply) -> None:
+    headers = [(b"content-type", reply.media_type.encode()), (b"content-length", str(len(reply.body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+class FastDeployApp:
+    """The ASGI app of one API server process: POST /sync answered directly, the rest by Starlette."""
+
+    def __init__(self, settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> None:
+        self.api = ApiProcess(settings, recipe, metrics_dir)
+        routes = [
+            _route("/sync", "sync", sync_handler),  # other methods than POST: a 405 from Starlette
+            _route("/async", "async", async_handler),
+            _route("/result", "result", result_handler),
+            _route("/health", "health", health_handler),
+            _route("/ready", "ready", ready_handler),
+            _route("/meta", "meta", meta_handler),
+            _route("/metrics", None, metrics_handler),
+            _route("/openapi.json", None, openapi_handler),
+        ]
+        self.framework = Starlette(
+            routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: http_error}
+        )
+        self.framework.state.api = self.api
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.api.start()
+        try:
+            yield
+        finally:
+            await self.api.stop()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sync":
+            await _send(send, await answer("sync", self.api, sync_handler, scope, receive))
+        else:
+            await self.framework(scope, receive, send)
 
 
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:
-    """The ASGI app of one API server process; the store opens when the app starts.
-
-    ``POST /sync`` is answered by a plain ASGI handler in front of Starlette: it is the
-    request a synchronous client makes every time, and Starlette's middleware, routing
-    and Request/Response objects were a large share of its cost (py-spy, W1 at 64
-    clients). Every other route, and every other method on /sync, goes to Starlette.
+    """The ASGI app of one API server process; its store opens when the app starts.
 
     ``metrics_dir``: the folder the API server processes of one service share their
     request metrics through (see ``Metrics``).
     """
-    state: dict[str, Any] = {}
-
-    def service() -> Service:
-        return state["service"]
-
-    def metrics() -> Metrics:
-        return state["metrics"]
-
-    def measured(endpoint: str, handler: Handler) -> Handler:
-        async def wrapped(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                response = await handler(request)
-            except FastDeployError as exc:
-                response = error_response(exc)
-            except _ClientLeft:
-                response = json_response(499, b"")  # nobody reads it
-            except Exception:  # the boundary: log the trace, answer without it
-                log.exception("unexpected error on %s", endpoint)
-                response = json_response(500, _INTERNAL_ERROR)
-            metrics().observe(endpoint, response.status_code, time.perf_counter() - started)
-            return response
-
-        return wrapped
-
-    file_mode = recipe.is_file
-    limit = settings.max_body_bytes
-
-    async def async_(request: Request) -> Response:
-        parsed = parse_request(
-            await read_body(request.scope, request.receive, limit), file_mode=file_mode, sync=False,
-            max_items=settings.max_per_client_batch, allowed_webhook_hosts=settings.allowed_webhook_hosts,
-        )
-        unique_id = await service().submit_async(parsed)
-        return json_response(200, b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b"}")
-
-    async def result(request: Request) -> Response:
-        answer = await service().result(parse_unique_id(await read_body(request.scope, request.receive, limit)))
-        return json_response(answer.status, answer.body)
-
-    async def health(request: Request) -> Response:
-        return json_response(200, b'{"success":true,"status":"alive"}')
-
-    async def ready(request: Request) -> Response:
-        reason = service().not_ready_reason()
-        if reason is None:
-            return json_response(200, b'{"success":true,"status":"ready"}')
-        return json_response(503, orjson.dumps({"success": False, "reason": reason}), {"Retry-After": "1"})
-
-    async def meta(request: Request) -> Response:
-        return json_response(200, orjson.dumps(service().meta()))
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics().render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def openapi(request: Request) -> Response:
-        return json_response(200, orjson.dumps(openapi_document(recipe)))
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-        if status == 404:
-            detail = f"no endpoint {request.url.path}; see GET /openapi.json for the endpoints"
-        elif status == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
-        return json_response(status, orjson.dumps({"success": False, "reason": detail}))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = open_store(settings.broker, settings.state_path)
-        measures = state["metrics"] = Metrics(lambda: svc.snapshot(), BATCH_BUCKETS, metrics_dir)
-        svc = Service(settings, recipe, store, on_spin=measures.spin.inc)
-        state["service"] = svc
-        await svc.start()
-        sender = WebhookSender(settings, store, svc.bridge.call)
-        tasks = [asyncio.create_task(sender.run()), asyncio.create_task(_refresh_forever(svc))]
-        try:
-            yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await svc.stop()
-            store.close()
-
-    routes = [
-        # POST /sync is answered before Starlette (below); the route makes other methods a 405
-        Route("/sync", _AsgiEndpoint(lambda *asgi: sync_front_door(*asgi)), methods=["POST"]),
-        Route("/async", measured("async", async_), methods=["POST"]),
-        Route("/result", measured("result", result), methods=["POST"]),
-        Route("/health", measured("health", health), methods=["GET"]),
-        Route("/ready", measured("ready", ready), methods=["GET"]),
-        Route("/meta", measured("meta", meta), methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ]
-    framework = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-
-    async def sync_front_door(scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        headers: Optional[dict[str, str]] = None
-        try:
-            if settings.only_async:
-                raise BadRequest(ONLY_ASYNC_REASON)
-            parsed = parse_request(
-                await read_body(scope, receive, limit), file_mode=file_mode, sync=True,
-                max_items=settings.max_per_client_batch,
-            )
-            answer = await service().predict_sync(parsed, functools.partial(_asgi_disconnected, receive))
-            status, body = answer.status, answer.body
-        except _ClientLeft:
-            status, body = 499, b""  # nobody reads it
-        except FastDeployError as exc:
-            status, body, headers = _error_parts(exc)
-        except Exception:  # the boundary: log the trace, answer without it
-            log.exception("unexpected error on sync")
-            status, body = 500, _INTERNAL_ERROR
-        metrics().observe("sync", status, time.perf_counter() - started)
-        await _send_json(send, status, body, headers)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sync":
-            await sync_front_door(scope, receive, send)
-        else:
-            await framework(scope, receive, send)
-
-    return app
-
-
-async def _refresh_forever(svc: Service) -> None:
-    """Keep readiness, queue depth and maintenance fresh; stop if the supervisor is gone."""
-    parent = os.getppid()
-    while True:
-        await asyncio.sleep(SNAPSHOT_SECONDS)
-        await svc.refresh()
-        if os.getppid() != parent:
-            log.warning("the supervisor is gone; stopping")
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+    return FastDeployApp(settings, recipe, metrics_dir)

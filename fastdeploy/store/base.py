@@ -1,19 +1,28 @@
-"""The store contract: the only thing API servers and prediction loops share.
+"""The store contract: the only thing API servers and prediction loops share, about jobs only.
 
 Every backend (embedded SQLite, Redis) implements this class and passes the same
-contract test suite (tests/store/). The store is the truth for every job; doorbells
-(``ring_*`` / ``wait_for_*``) only cut latency, so a lost ring costs a short poll,
-never a job.
+contract test suite (tests/store/). The store is the truth for every job. How a process
+learns that something changed (a job queued, a job finished) is not the store's
+business: that is the doorbell next to each store (``store/doorbell.py``), opened with it.
+
+One error contract: every public method of a backend raises ``StoreUnavailable`` and
+nothing else for a failure of the backend; ``Store.__init_subclass__`` wraps each one, so a
+backend cannot forget (its ``backend_errors`` name what its library raises).
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
+import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
+from fastdeploy.errors import StoreUnavailable
+from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, WorkerInfo
 
-from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, ResultNews, WorkerInfo
+log = logging.getLogger(__name__)
 
 # A job whose loop died this many times while holding it fails instead of killing more loops.
 MAX_ATTEMPTS = 3
@@ -33,13 +42,50 @@ class WebhookDelivery:
     attempts: int
 
 
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with its backend's errors turned into StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(self: "Store", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except self.backend_errors as exc:
+            raise self._unavailable(method.__name__, exc) from None
+
+    guarded.__guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
 class Store(abc.ABC):
     """Jobs, leases, results, workers and the webhook outbox, behind one small API."""
 
+    # what the backend's library raises when the backend fails (disk, network, lock, corruption)
+    backend_errors: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap every public method a backend defines, so only StoreUnavailable leaves it."""
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if inspect.isfunction(value) and not name.startswith("_") and not getattr(value, "__guarded__", False):
+                setattr(cls, name, _guarded(value))
+
+    def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        """The error a failed ``operation`` surfaces as; backends name themselves in the reason."""
+        log.warning("the job store failed in %s: %s", operation, exc)
+        return StoreUnavailable(f"the job store failed: {exc}")
+
     # -- API side -------------------------------------------------------------
     @abc.abstractmethod
-    def submit(self, jobs: Sequence[NewJob]) -> None:
-        """Queue jobs at stage 0, durably, then ring the stage-0 loops."""
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+        """Queue jobs at stage 0, durably, and say so to the stage-0 loops' doorbells.
+
+        ``block=False``: write only if that needs no waiting at all (no network, no lock
+        held by another writer), so an API server may write a lone request from its event
+        loop; False means nothing was written (the caller then submits with ``block=True``).
+        A job's ``origin`` is where its outcome is sent when it finishes.
+        """
 
     @abc.abstractmethod
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
@@ -60,15 +106,6 @@ class Store(abc.ABC):
         Jobs already being predicted, or finished, are left alone. Returns the ids failed.
         """
 
-    @abc.abstractmethod
-    def wait_for_results(self, timeout: float) -> list[ResultNews]:
-        """Block up to ``timeout`` for news of finished jobs (maybe none).
-
-        News of a job submitted with ``waited`` must reach the API server that submitted it
-        (as long as rings are not lost); news of other jobs may be left out. A backend may
-        carry the outcome itself, sparing the API server a read.
-        """
-
     # -- loop side ------------------------------------------------------------
     @abc.abstractmethod
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
@@ -84,15 +121,10 @@ class Store(abc.ABC):
         """Record each outcome once: move to the next stage, store the result, or fail.
 
         An outcome for a job that already finished or moved on (it was predicted twice
-        after a lease ran out) is ignored, so a result is delivered once.
+        after a lease ran out) is ignored, so a result is delivered once. The outcome of a
+        job with an ``origin`` is sent to that address (the doorbell of the API server that
+        waits for it); the loops of the next stage are told of jobs moved on to them.
         """
-
-    @abc.abstractmethod
-    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
-        """Block up to ``timeout`` or until a ring says jobs are waiting at ``stage``.
-
-        ``spin``: where rings are local, look for one without sleeping for up to this
-        long first (see ``fastdeploy.rhythm``); other backends ignore it."""
 
     # -- workers --------------------------------------------------------------
     @abc.abstractmethod
@@ -125,52 +157,10 @@ class Store(abc.ABC):
     def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
         """Count a failed attempt and schedule the next one."""
 
-    # -- optional fast paths ---------------------------------------------------
-    def peek(self, stage: int) -> Optional[ClaimedJob]:
-        """The job at the head of ``stage``'s queue, read but not leased; None when there is
-        none or the backend cannot tell cheaply (the caller then claims as usual).
-
-        For a stage that one loop serves alone, in a lone client's rhythm: a lease is a
-        write, and nothing competes for the job. ``finish`` accepts a job that is still
-        queued, a job cancelled or timed out meanwhile is not finished twice, and a loop
-        that dies leaves the job queued for the next one.
-        """
-        return None
-
-    def try_submit(self, jobs: Sequence[NewJob]) -> bool:
-        """Submit at once if that needs no waiting at all (no network, no lock held by
-        another writer); False means nothing was written and ``submit`` must be used.
-
-        Lets an API server write a lone request from its event loop without a thread hop.
-        """
-        return False
-
-    def result_ring_fileno(self) -> Optional[int]:
-        """A socket an event loop can watch for result rings, if the backend has one.
-
-        Without one, an API server waits in ``wait_for_results`` on a thread instead.
-        """
-        return None
-
-    def poll_result_rings(self, seconds: float) -> bool:
-        """Whether a result ring is waiting, looking for up to ``seconds`` without sleeping
-        (only where rings come to ``result_ring_fileno``; others answer False at once)."""
-        return False
-
-    def take_result_rings(self) -> list[ResultNews]:
-        """News from result rings already waiting, without blocking."""
-        return self.wait_for_results(0.0)
-
     # -- lifecycle ------------------------------------------------------------
-    def listen_for_jobs(self, stage: int) -> None:  # noqa: B027 (optional hook)
-        """Prepare to receive rings for ``stage`` (a loop calls this before claiming)."""
-
-    def listen_for_results(self) -> None:  # noqa: B027 (optional hook)
-        """Prepare to receive result rings (an API server calls this at start-up)."""
-
     def checkpoint(self) -> None:  # noqa: B027 (optional hook)
         """Fold the store's write-ahead log into its main file, where that is this process's
         job (one process per host calls this now and then, off the request path)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release connections and doorbell sockets."""
+        """Release connections."""

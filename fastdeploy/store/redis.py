@@ -8,28 +8,24 @@ One Redis database serves one recipe. To serve several recipes from one database
 each a prefix: ``redis://host:6379/0?prefix=NAME`` (default ``fastdeploy``); every key
 this module writes starts with ``NAME:``.
 
-Doorbells: a short per-stage list that idle loops ``BLPOP`` (one token wakes one loop),
-and a pub/sub channel carrying the ids of finished jobs to every API server. Both are
-hints only; the job hashes are the truth.
+The scripts also ring the doorbells (``redis_doorbell``): a token on a short per-stage
+list that idle loops ``BLPOP``, and pub/sub messages with finished jobs for the API
+servers. Both are hints only; the job hashes are the truth.
 
 Clocks: leases and deadlines compare wall-clock times written by different hosts, so
 keep the hosts' clocks in sync (NTP); a skew shortens or lengthens leases by as much.
 
-This is the only module that imports ``redis``.
+This module and ``redis_doorbell`` are the only ones that import ``redis``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, TypeVar, cast
+from typing import Any, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import msgpack
 import orjson
 
 try:
@@ -43,24 +39,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         'the Redis broker needs the redis package: pip install "fastdeploy[redis]"'
     ) from exc
 
-from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import (
-    TIMED_OUT_REASON,
-    ClaimedJob,
-    JobStatus,
-    JobView,
-    NewJob,
-    Outcome,
-    ResultNews,
-    WorkerInfo,
-    result_document,
-)
-from fastdeploy.store.news import read_news
+from fastdeploy.bodies import result_document
+from fastdeploy.errors import SettingsError, StoreUnavailable
+from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 # -- key names: every key this store touches, in one place --------------------------
 DEFAULT_PREFIX = "fastdeploy"
@@ -489,46 +473,35 @@ def _split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(rest))), prefix
 
 
-def _guarded(method: F) -> F:
-    """Turn any Redis error into StoreUnavailable with a reason naming the server."""
-
-    @functools.wraps(method)
-    def wrapper(self: "RedisStore", *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"cannot reach Redis at {self.address}: {exc}") from None
-        except redis.RedisError as exc:
-            log.warning("Redis at %s failed in %s: %s", self.address, method.__name__, exc)
-            raise StoreUnavailable(f"Redis at {self.address} failed: {exc}") from None
-
-    return cast(F, wrapper)
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def connect(url: str) -> tuple[redis.Redis, Keys, str]:
+    """A client for the Redis the URL names, the key names under its prefix, and its address for messages."""
+    connect_url, prefix = _split_url(url)
+    try:
+        client: redis.Redis = redis.Redis.from_url(
+            connect_url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 1),  # one quick retry on a fresh connection, e.g. after a Redis restart
+            health_check_interval=30,
+        )
+    except ValueError as exc:
+        raise SettingsError(f"--broker: invalid Redis URL {url!r}: {exc}") from None
+    kwargs = client.connection_pool.connection_kwargs
+    address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    return client, Keys(prefix), address
 
 
 class RedisStore(Store):
     """Jobs in Redis, shared by every API server and prediction loop that uses the same URL and prefix."""
 
-    def __init__(self, url: str) -> None:
-        connect_url, prefix = _split_url(url)
-        self.keys = Keys(prefix)
-        try:
-            self._redis = redis.Redis.from_url(
-                connect_url,
-                socket_connect_timeout=CONNECT_TIMEOUT,
-                socket_timeout=SOCKET_TIMEOUT,
-                retry=Retry(NoBackoff(), 1),  # one quick retry on a fresh connection, e.g. after a Redis restart
-                health_check_interval=30,
-            )
-        except ValueError as exc:
-            from fastdeploy.errors import SettingsError
+    backend_errors = (redis.RedisError, OSError)
 
-            raise SettingsError(f"--broker: invalid Redis URL {url!r}: {exc}") from None
-        kwargs = self._redis.connection_pool.connection_kwargs
-        self.address = kwargs.get("path") or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    def __init__(self, url: str) -> None:
+        self._redis, self.keys, self.address = connect(url)
         register = self._redis.register_script
         self._submit = register(_LUA_PRELUDE + _LUA_SUBMIT)
         self._claim = register(_LUA_PRELUDE + _LUA_CLAIM)
@@ -542,116 +515,36 @@ class RedisStore(Store):
         self._unfinished = register(_LUA_PRELUDE + _LUA_UNFINISHED)
         self._script_keys = self.keys.script_keys()
         self._prefixes = self.keys.script_prefixes()
-        self._pubsub: Optional[Any] = None
-        self._want_results = False
-        self._origin = os.urandom(8).hex()  # names this store's own results channel
-        self._pubsub_lock = threading.Lock()
+
+    def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+            return StoreUnavailable(f"cannot reach Redis at {self.address}: {exc}")
+        log.warning("Redis at %s failed in %s: %s", self.address, operation, exc)
+        return StoreUnavailable(f"Redis at {self.address} failed: {exc}")
 
     def _run(self, script: Any, *args: Any) -> Any:
         return script(keys=self._script_keys, args=[*self._prefixes, *args])
 
-    # -- doorbells ------------------------------------------------------------
-    def listen_for_jobs(self, stage: int) -> None:
-        """Loops BLPOP their stage's bell list; nothing to prepare."""
-
-    def listen_for_results(self) -> None:
-        """Subscribe to the results channel now if Redis answers, else on the first wait."""
-        self._want_results = True
-        try:
-            self._subscribe()
-        except redis.RedisError as exc:
-            log.warning("cannot subscribe to results at %s yet (will retry): %s", self.address, exc)
-            self._drop_pubsub()
-
-    def _subscribe(self) -> Any:
-        with self._pubsub_lock:
-            if self._pubsub is not None:
-                return self._pubsub
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
-            try:
-                channels = (self.keys.results, self.keys.results_for(self._origin))
-                pubsub.subscribe(*channels)
-                # Wait for the confirmations, so rings published after this returns reach us.
-                confirmed = 0
-                deadline = time.monotonic() + SOCKET_TIMEOUT
-                while confirmed < len(channels) and time.monotonic() < deadline:
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is not None and message.get("type") == "subscribe":
-                        confirmed += 1
-            except BaseException:
-                pubsub.close()
-                raise
-            self._pubsub = pubsub
-            return pubsub
-
-    def _drop_pubsub(self) -> None:
-        with self._pubsub_lock:
-            pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except Exception:  # already broken; nothing to release
-                pass
-
-    def wait_for_results(self, timeout: float) -> list[ResultNews]:
-        """News from the shared results channel (ids) and this store's own (outcomes of the
-        jobs it submitted for /sync); a Redis outage just makes this a sleep (the poll covers it)."""
-        if not self._want_results:
-            time.sleep(max(timeout, 0.0))
-            return []
-        started = time.monotonic()
-        heard: list[ResultNews] = []
-        try:
-            pubsub = self._subscribe()
-            message = pubsub.get_message(timeout=min(max(timeout, 0.0), MAX_BELL_WAIT))
-            while message is not None:
-                if message.get("type") == "message":
-                    data = message["data"]
-                    try:
-                        heard.extend(read_news(data if isinstance(data, bytes) else str(data).encode()))
-                    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # the poll covers it
-                        log.warning("ignoring an unreadable result message: %s", exc)
-                message = pubsub.get_message(timeout=0.0)
-        except (redis.RedisError, OSError, ValueError) as exc:
-            log.debug("results channel at %s: %s", self.address, exc)
-            self._drop_pubsub()
-            time.sleep(max(0.0, timeout - (time.monotonic() - started)))
-        return heard
-
-    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
-        """BLPOP one token of the stage's bell; during a Redis outage just sleep (the caller retries)."""
-        timeout = min(max(timeout, 0.0), MAX_BELL_WAIT)
-        started = time.monotonic()
-        try:
-            if timeout < 0.01:
-                self._redis.lpop(self.keys.bell(stage))
-            else:
-                self._redis.blpop([self.keys.bell(stage)], timeout=timeout)
-        except redis.RedisError as exc:
-            log.debug("jobs bell at %s: %s", self.address, exc)
-            time.sleep(max(0.0, timeout - (time.monotonic() - started)))
-
     def close(self) -> None:
-        self._want_results = False
-        self._drop_pubsub()
         try:
             self._redis.close()
-        except Exception:  # closing a broken pool must not fail a shutdown
+        except (redis.RedisError, OSError):  # closing a broken pool must not fail a shutdown
             pass
 
     # -- API side -------------------------------------------------------------
-    @_guarded
-    def submit(self, jobs: Sequence[NewJob]) -> None:
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+        if not block:
+            return False  # every write goes over the network: never on an event loop
         if not jobs:
-            return
+            return True
         args: list[Any] = [repr(time.time())]
         for job in jobs:
             deadline = "" if job.deadline is None else repr(float(job.deadline))
-            origin = self._origin if job.waited and self._want_results else ""
-            args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "", origin]
+            args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "",
+                     job.origin or ""]
         self._run(self._submit, *args)
+        return True
 
-    @_guarded
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
         views: dict[str, JobView] = {}
         for start in range(0, len(ids), 500):
@@ -671,17 +564,14 @@ class RedisStore(Store):
                 )
         return views
 
-    @_guarded
     def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
         if not ids:
             return []
         return [_text(i) for i in self._run(self._cancel, repr(time.time()), reason, int(error_status), *ids)]
 
-    @_guarded
     def unfinished(self) -> int:
         return int(self._run(self._unfinished))
 
-    @_guarded
     def queue_depths(self, stages: int) -> list[int]:
         pipe = self._redis.pipeline(transaction=False)
         for stage in range(stages):
@@ -689,7 +579,6 @@ class RedisStore(Store):
         return [int(n) for n in pipe.execute()]
 
     # -- loop side ------------------------------------------------------------
-    @_guarded
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
         flat = self._run(
@@ -704,7 +593,6 @@ class RedisStore(Store):
             )
         return claimed
 
-    @_guarded
     def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
         if not outcomes:
             return
@@ -719,7 +607,6 @@ class RedisStore(Store):
         self._run(self._finish, *args)
 
     # -- workers --------------------------------------------------------------
-    @_guarded
     def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
         document = orjson.dumps({
             "worker_id": info.worker_id, "stage": info.stage, "host": info.host, "pid": info.pid,
@@ -727,7 +614,6 @@ class RedisStore(Store):
         })
         self._run(self._heartbeat, info.worker_id, document, repr(info.seen), repr(info.seen + lease_seconds))
 
-    @_guarded
     def workers(self) -> list[WorkerInfo]:
         found = []
         for raw in self._redis.hvals(self.keys.workers):
@@ -741,7 +627,6 @@ class RedisStore(Store):
                 log.warning("ignoring an unreadable worker record in %s: %s", self.keys.workers, exc)
         return found
 
-    @_guarded
     def release_worker(self, worker_id: str) -> int:
         return max(0, int(self._release(worker_id, cutoff="")))
 
@@ -751,7 +636,6 @@ class RedisStore(Store):
         ))
 
     # -- maintenance ----------------------------------------------------------
-    @_guarded
     def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
         self._redis.hset(self.keys.config, "result_ttl", repr(float(result_ttl)))
         cutoff = now - worker_timeout
@@ -770,7 +654,6 @@ class RedisStore(Store):
                 break
 
     # -- webhook outbox -------------------------------------------------------
-    @_guarded
     def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
         now = time.time()
         flat = self._run(self._claim_hooks, repr(now), repr(now + lease_seconds), int(limit))
@@ -788,19 +671,16 @@ class RedisStore(Store):
             deliveries.append(WebhookDelivery(job_id, url, body, attempts))
         return deliveries
 
-    @_guarded
     def webhook_delivered(self, job_id: str) -> None:
         pipe = self._redis.pipeline(transaction=True)
         pipe.zrem(self.keys.outbox, job_id)
         pipe.delete(self.keys.hook(job_id))
         pipe.execute()
 
-    @_guarded
     def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
         self._run(self._retry_hook, job_id, repr(float(next_attempt_at)))
 
     # -- for tests and operators ------------------------------------------------
-    @_guarded
     def delete_all(self) -> int:
         """Delete every key under this store's prefix (tests, or resetting a deployment)."""
         deleted = 0

@@ -1,9 +1,10 @@
-"""The embedded store: one SQLite file (WAL) in the state folder, doorbells on Unix sockets.
+"""The embedded store: one SQLite file (WAL) in the state folder.
 
 Needs no other service. Every process opens its own connection; writes that must be
 atomic (claiming, finishing) run in ``BEGIN IMMEDIATE`` transactions. ``synchronous=NORMAL``
 keeps every committed job across a crash of any fastDeploy process (not across a power
-cut of the machine).
+cut of the machine). After each commit it rings the local doorbells (``local_doorbell``)
+of the processes concerned.
 """
 
 from __future__ import annotations
@@ -17,23 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import msgpack
-
+from fastdeploy.bodies import result_document
 from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import (
-    TIMED_OUT_REASON,
-    ClaimedJob,
-    JobStatus,
-    JobView,
-    NewJob,
-    Outcome,
-    ResultNews,
-    WorkerInfo,
-    result_document,
-)
+from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
-from fastdeploy.store.bells import MAX_DATAGRAM, Bell, bell_folder
-from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages, read_news
+from fastdeploy.store.local_doorbell import API_ROLE, MAX_DATAGRAM, Bells, bell_folder, stage_role
+from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,7 +75,6 @@ CREATE TABLE IF NOT EXISTS webhooks (
 
 log = logging.getLogger(__name__)
 
-_API_ROLE = "api"
 _LOCK_WAIT_SECONDS = 30.0  # longest a write waits for another writer before 503
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
 # Checkpoints flush the database file to disk (fsync): tens to hundreds of milliseconds on
@@ -98,7 +87,7 @@ _RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoin
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
-# the first queued jobs of a stage, in the order loops take them (claim and peek)
+# the first queued jobs of a stage, in the order loops take them
 _QUEUE_HEAD = (
     "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
     " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?"
@@ -112,8 +101,13 @@ def _inline(payload: bytes) -> Optional[bytes]:
     return payload if len(payload) <= _INLINE_PAYLOAD else None
 
 
-def _stage_role(stage: int) -> str:
-    return f"stage{stage}"
+def _rollback(db: sqlite3.Connection) -> None:
+    """End a failed write; a rollback that fails too (disk gone) leaves the next ``_begin`` to retry it."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback failed: %s", exc)
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
@@ -135,6 +129,8 @@ class SQLiteStore(Store):
     """Jobs in one SQLite file. Each thread gets its own connection; WAL lets readers run
     beside the one writer, and ``BEGIN IMMEDIATE`` makes every write atomic."""
 
+    backend_errors = (sqlite3.Error, OSError)
+
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "jobs.sqlite3"
@@ -151,7 +147,11 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         db.execute("PRAGMA busy_timeout=0")
         self._local.db = db
-        self._bell = Bell(bell_folder(state_dir))
+        self._bells = Bells(bell_folder(state_dir))
+
+    def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
+        log.warning("the job store %s failed in %s: %s", self.path, operation, exc)
+        return StoreUnavailable(f"the job store {self.path.name} failed: {exc}")
 
     # -- plumbing -------------------------------------------------------------
     def _connect(self, timeout: float = 0.0) -> sqlite3.Connection:
@@ -175,6 +175,8 @@ class SQLiteStore(Store):
 
     def _begin(self, db: sqlite3.Connection, wait: bool) -> None:
         """Take the write lock, retrying every 50 µs to 1 ms while another writer has it."""
+        if db.in_transaction:  # a COMMIT that failed (disk full) left it open
+            _rollback(db)
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
         delay = 0.00005
         while True:
@@ -183,9 +185,9 @@ class SQLiteStore(Store):
                 return
             except sqlite3.OperationalError as exc:
                 if not wait or "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+                    raise StoreUnavailable(f"the job store {self.path.name} is not writable: {exc}") from None
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the job store {self.path} is not writable: {exc}") from None
+                raise StoreUnavailable(f"the job store {self.path.name} is not writable: {exc}") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.001)
 
@@ -198,14 +200,14 @@ class SQLiteStore(Store):
         self._local.direct_rings = []
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
-        db.execute("COMMIT")
         for role, messages in self._local.rings:
-            self._bell.ring(role, messages)
+            self._bells.ring(role, messages)
         for reader, messages in self._local.direct_rings:
-            self._bell.ring_reader(reader, messages)
+            self._bells.ring_reader(reader, messages)
 
     def _ring_after_commit(self, role: str, messages: Sequence[bytes] = (b"",)) -> None:
         self._local.rings.append((role, messages))
@@ -215,26 +217,6 @@ class SQLiteStore(Store):
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         return self._db().execute(sql, params).fetchall()
-
-    def listen_for_jobs(self, stage: int) -> None:
-        self._bell.listen(_stage_role(stage))
-
-    def listen_for_results(self) -> None:
-        self._bell.listen(_API_ROLE)
-
-    def result_ring_fileno(self) -> Optional[int]:
-        return self._bell.fileno()
-
-    def poll_result_rings(self, seconds: float) -> bool:
-        return self._bell.poll(seconds)
-
-    def try_submit(self, jobs: Sequence[NewJob]) -> bool:
-        """Write now if the file is free this instant; never wait for another writer."""
-        try:
-            self._insert(jobs, wait=False)
-        except StoreUnavailable:
-            return False
-        return True
 
     def checkpoint(self) -> None:
         """Copy committed pages from the WAL into the database file without waiting for
@@ -250,38 +232,44 @@ class SQLiteStore(Store):
                 # sync) and lets the next writer start the WAL from its beginning.
                 db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"could not checkpoint the job store {self.path}: {exc}") from None
+            raise StoreUnavailable(f"could not checkpoint the job store {self.path.name}: {exc}") from None
 
     def close(self) -> None:
-        self._bell.close()
+        self._bells.close()
         with self._connections_lock:
             for db in self._connections:
                 db.close()
             self._connections.clear()
 
     # -- API side -------------------------------------------------------------
-    def submit(self, jobs: Sequence[NewJob]) -> None:
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+        if not jobs:
+            return True
+        if not block:  # write now if the file is free this instant; never wait for another writer
+            try:
+                self._insert(jobs, wait=False)
+            except StoreUnavailable:
+                return False
+            return True
         self._insert(jobs, wait=True)
+        return True
 
     def _insert(self, jobs: Sequence[NewJob], wait: bool) -> None:
-        if not jobs:
-            return
         now = time.time()
-        origin = self._bell.name  # None unless this process listens for results
         with self._write(wait=wait) as db:
             db.executemany(
                 "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, origin, created)"
                 " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (j.id, j.priority, _inline(j.payload), j.n_items, j.deadline, j.webhook,
-                     origin if j.waited else None, now)
+                     j.origin, now)
                     for j in jobs
                 ],
             )
             large = [(j.id, j.payload) for j in jobs if _inline(j.payload) is None]
             if large:
                 db.executemany("INSERT INTO payloads (id, data) VALUES (?, ?)", large)
-            self._ring_after_commit(_stage_role(0))
+            self._ring_after_commit(stage_role(0))
 
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
         views: dict[str, JobView] = {}
@@ -306,7 +294,7 @@ class SQLiteStore(Store):
                     self._fail_locked(db, job_id, row[0], reason, error_status, row[1], now)
                     cancelled.append(job_id)
             if cancelled:
-                self._ring_after_commit(_API_ROLE, _id_messages(cancelled))
+                self._ring_after_commit(API_ROLE, _id_messages(cancelled))
         return cancelled
 
     def unfinished(self) -> int:
@@ -324,25 +312,7 @@ class SQLiteStore(Store):
                 depths[stage] = count
         return depths
 
-    def wait_for_results(self, timeout: float) -> list[ResultNews]:
-        heard: list[ResultNews] = []
-        for message in self._bell.wait(timeout):
-            try:
-                heard.extend(read_news(message))
-            except (ValueError, TypeError, msgpack.UnpackException) as exc:  # a mangled ring: the poll covers it
-                log.warning("ignoring an unreadable result ring: %s", exc)
-        return heard
-
     # -- loop side ------------------------------------------------------------
-    def peek(self, stage: int) -> Optional[ClaimedJob]:
-        row = self._db().execute(_QUEUE_HEAD, (stage, 1)).fetchone()
-        if row is None:
-            return None
-        _, job_id, payload, n_items, deadline, _ = row
-        if payload is None or (deadline is not None and deadline < time.time()):
-            return None  # a large input or a timed-out job: the claim handles those
-        return ClaimedJob(job_id, stage, payload, n_items, deadline)
-
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
         claimed: list[ClaimedJob] = []
@@ -377,7 +347,7 @@ class SQLiteStore(Store):
                 if full or len(rows) < limit:
                     break
             if timed_out:
-                self._ring_after_commit(_API_ROLE, _id_messages(timed_out))
+                self._ring_after_commit(API_ROLE, _id_messages(timed_out))
         return claimed
 
     def _fail_locked(
@@ -451,12 +421,9 @@ class SQLiteStore(Store):
                 if origin:
                     carried.setdefault(origin, []).append(entry)
             for stage in next_stages:
-                self._ring_after_commit(_stage_role(stage))
+                self._ring_after_commit(stage_role(stage))
             for origin, entries in carried.items():  # straight to the API server that waits for them
                 self._ring_reader_after_commit(origin, outcome_messages(entries, MAX_DATAGRAM))
-
-    def wait_for_jobs(self, stage: int, timeout: float, spin: float = 0.0) -> None:
-        self._bell.wait(timeout, spin)
 
     # -- workers --------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
@@ -503,9 +470,9 @@ class SQLiteStore(Store):
                 )
                 stages.add(stage)
         for stage in stages:
-            self._ring_after_commit(_stage_role(stage))
+            self._ring_after_commit(stage_role(stage))
         if failed:
-            self._ring_after_commit(_API_ROLE, _id_messages(failed))
+            self._ring_after_commit(API_ROLE, _id_messages(failed))
         return len(rows)
 
     # -- maintenance ----------------------------------------------------------

@@ -48,9 +48,9 @@ def test_a_lone_client_makes_both_sides_spin_unless_turned_off(spin_us):
             assert loop <= 60 * 0.020 and api <= 60 * 0.020
 
 
-def test_a_loop_that_dies_on_a_job_it_only_peeked_leaves_it_queued_for_the_next(tmp_path):
-    # in a lone client's rhythm the only loop of a stage reads its job without leasing it
-    # (Store.peek); if it dies on that job, the job is still queued and its /sync is answered
+def test_a_loop_that_dies_in_the_lone_rhythm_had_its_job_leased_and_it_is_requeued(tmp_path):
+    # polling never bends what a job means: the job being predicted was claimed (processing),
+    # so the loop's death requeues it (and counts toward the deaths that fail a job)
     marker = tmp_path / "crashed"
     env = {"BATCH_SIZE": "1", "FD_TEST_CRASH_MARKER": str(marker)}
     with serve(TEST_RECIPES / "faulty", args=["--spin-us", "20000"], env=env) as server:
@@ -62,12 +62,12 @@ def test_a_loop_that_dies_on_a_job_it_only_peeked_leaves_it_queued_for_the_next(
         assert response.json()["prediction"] == ["crash"]
         assert marker.exists()  # it did die on it
         log = server.log()
-        assert "exited with code 3; 0 job(s) requeued" in log, log[-2000:]
+        assert "exited with code 3; 1 job(s) requeued" in log, log[-2000:]
 
 
 def test_in_the_lone_rhythm_each_input_is_predicted_once(tmp_path):
-    # a fixed batch size makes the loop wait for a fuller batch after a batch of one; a job
-    # it only peeked at must not be claimed a second time by that wait
+    # a fixed batch size makes the loop wait for a fuller batch after a batch of one, with
+    # its doorbell in the lone rhythm; nothing may be predicted twice
     log = tmp_path / "calls.jsonl"
     env = {"FD_TEST_LOG": str(log), "FD_TEST_SLEEP": "0.002", "BATCH_SIZE": "8", "FASTDEPLOY_MAX_WAIT": "1000"}
     with serve(TEST_RECIPES / "slow", args=["--spin-us", "20000"], env=env) as server:

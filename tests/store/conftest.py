@@ -1,44 +1,55 @@
-"""The `store` fixture: every contract test runs once per backend (embedded SQLite, Redis)."""
+"""Every contract test runs once per backend (embedded SQLite, Redis).
+
+``open_store()`` and ``open_doorbell()`` open handles on one fresh store and its
+doorbell; two handles act like two processes sharing it.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pytest
 
+from fastdeploy.store import open_doorbell as open_backend_doorbell
+from fastdeploy.store import open_store as open_backend_store
 from fastdeploy.store.base import Store
+from fastdeploy.store.doorbell import Doorbell
 
+T = TypeVar("T")
 StoreFactory = Callable[[], Store]
+DoorbellFactory = Callable[[], Doorbell]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def open_store(request: pytest.FixtureRequest, tmp_path) -> Iterator[StoreFactory]:
-    """Opens handles on one fresh store; two handles act like two processes sharing it."""
+def backend_args(request: pytest.FixtureRequest, tmp_path) -> tuple[str, object]:
+    """(broker, state folder) naming one fresh store of the backend under test."""
     if request.param == "sqlite":
-        from fastdeploy.store.sqlite import SQLiteStore
+        return "", tmp_path / "state"
+    return request.getfixturevalue("redis_url"), None  # unique prefix, cleaned afterwards
 
-        state = tmp_path / "state"
 
-        def factory() -> Store:
-            return SQLiteStore(state)
+def _opener(open_one: Callable[..., T], args: tuple[str, object]) -> Iterator[Callable[[], T]]:
+    """A factory of handles opened with ``args``, all closed at the end of the test."""
+    opened: list = []
 
-    else:
-        url = request.getfixturevalue("redis_url")  # unique prefix, cleaned afterwards
-        from fastdeploy.store.redis import RedisStore
+    def factory() -> T:
+        handle = open_one(*args)
+        opened.append(handle)
+        return handle
 
-        def factory() -> Store:
-            return RedisStore(url)
+    yield factory
+    for handle in opened:
+        handle.close()
 
-    opened: list[Store] = []
 
-    def open_one() -> Store:
-        store = factory()
-        opened.append(store)
-        return store
+@pytest.fixture
+def open_store(backend_args) -> Iterator[StoreFactory]:
+    yield from _opener(open_backend_store, backend_args)
 
-    yield open_one
-    for store in opened:
-        store.close()
+
+@pytest.fixture
+def open_doorbell(backend_args) -> Iterator[DoorbellFactory]:
+    yield from _opener(open_backend_doorbell, backend_args)
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ FAR = 1e9  # a worker timeout or TTL that never triggers
 
 
 def job(job_id: str, n_items: int = 1, priority: int = 9, deadline: Optional[float] = None,
-        webhook: Optional[str] = None, waited: bool = False) -> NewJob:
-    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, deadline, webhook, waited)
+        webhook: Optional[str] = None, origin: Optional[str] = None) -> NewJob:
+    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, deadline, webhook, origin)
 
 
 def news_ids(news) -> set[str]:
@@ -365,30 +365,32 @@ def test_webhook_is_leased_to_one_sender_at_a_time(open_store):
 
 
 # -- doorbells ------------------------------------------------------------------------------
-def test_wait_for_results_hears_of_the_jobs_this_api_server_waits_for(open_store):
-    api, loop = open_store(), open_store()
-    api.listen_for_results()
-    soon = time.time() + 60
-    api.submit([job("a", deadline=soon, waited=True), job("b", deadline=soon, waited=True),
-                job("late", deadline=time.time() - 1, waited=True)])
+def test_wait_for_results_hears_of_the_jobs_this_api_server_waits_for(open_store, open_doorbell):
+    api, loop, bell = open_store(), open_store(), open_doorbell()
+    bell.listen_for_results()
+    soon, here = time.time() + 60, bell.address
+    api.submit([job("a", deadline=soon, origin=here), job("b", deadline=soon, origin=here),
+                job("late", deadline=time.time() - 1, origin=here)])
     loop.claim(0, 8, "w1", 30)
     loop.finish([done("a"), Outcome("b", 0, reason="bad", error_status=422)], "w1")
     news: list = []
     deadline = time.monotonic() + 10
     while not {"a", "b", "late"} <= news_ids(news) and time.monotonic() < deadline:
-        news.extend(api.wait_for_results(1.0))
+        news.extend(bell.wait_for_results(1.0))
     assert {"a", "b", "late"} <= news_ids(news)
     for item in news:  # an outcome that comes with the news is the stored one
         if isinstance(item, JobView):
             assert item == api.get([item.id])[item.id]
 
 
-def test_outcomes_reach_only_the_api_server_that_waits_for_them(open_store):
-    waiting, other, loop = open_store(), open_store(), open_store()
+def test_outcomes_reach_only_the_api_server_that_waits_for_them(open_store, open_doorbell):
+    api, loop = open_store(), open_store()
+    waiting, other = open_doorbell(), open_doorbell()
     waiting.listen_for_results()
     other.listen_for_results()
-    soon = time.time() + 60
-    waiting.submit([job("ok", deadline=soon, waited=True), job("bad", deadline=soon, waited=True), job("async")])
+    soon, here = time.time() + 60, waiting.address
+    assert here and here != other.address
+    api.submit([job("ok", deadline=soon, origin=here), job("bad", deadline=soon, origin=here), job("async")])
     loop.claim(0, 8, "w1", 30)
     loop.finish([done("ok", value="fine"), Outcome("bad", 0, reason="no good", error_status=422), done("async")], "w1")
     heard: list = []
@@ -401,37 +403,45 @@ def test_outcomes_reach_only_the_api_server_that_waits_for_them(open_store):
     assert not any(isinstance(item, JobView) for item in other.wait_for_results(0.5))
 
 
-def test_wait_for_results_returns_after_timeout_without_news(store):
-    store.listen_for_results()
+def test_wait_for_results_returns_after_timeout_without_news(open_doorbell):
+    bell = open_doorbell()
+    bell.listen_for_results()
     started = time.monotonic()
-    assert store.wait_for_results(0.2) == []
+    assert bell.wait_for_results(0.2) == []
     assert 0.1 <= time.monotonic() - started < 3
 
 
-def test_wait_for_jobs_wakes_on_submit(open_store):
-    loop, api = open_store(), open_store()
-    loop.listen_for_jobs(0)
-    loop.wait_for_jobs(0, 0.01)  # nothing queued: returns at once
+def test_wait_for_jobs_wakes_on_submit(store, open_doorbell):
+    bell = open_doorbell()
+    bell.listen_for_jobs(0)
+    bell.wait_for_jobs(0, 0.01)  # nothing queued: returns at once
     waited: list[float] = []
 
     def wait() -> None:
         started = time.monotonic()
-        loop.wait_for_jobs(0, 5.0)
+        bell.wait_for_jobs(0, 5.0)
         waited.append(time.monotonic() - started)
 
     thread = threading.Thread(target=wait)
     thread.start()
     time.sleep(0.3)  # let the loop block first: the point is that the submit wakes it
-    api.submit([job("a")])
+    store.submit([job("a")])
     thread.join(10)
     assert waited and waited[0] < 2.5, waited
 
 
-def test_wait_for_jobs_returns_after_timeout_without_news(store):
-    store.listen_for_jobs(0)
+def test_wait_for_jobs_returns_after_timeout_without_news(open_doorbell):
+    bell = open_doorbell()
+    bell.listen_for_jobs(0)
     started = time.monotonic()
-    store.wait_for_jobs(0, 0.2)
+    bell.wait_for_jobs(0, 0.2)
     assert 0.1 <= time.monotonic() - started < 3
+
+
+def test_a_non_blocking_submit_writes_or_says_it_did_not(store):
+    written = store.submit([job("a")], block=False)
+    assert (status(store, "a") is JobStatus.QUEUED) == written
+    assert store.submit([job("b")]) is True and status(store, "b") is JobStatus.QUEUED
 
 
 def test_cancel_fails_only_queued_jobs(store):

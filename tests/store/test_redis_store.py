@@ -15,6 +15,7 @@ pytestmark = pytest.mark.redis
 redis_module = pytest.importorskip("redis", reason='the redis package is not installed: pip install "fastdeploy[redis]"')
 
 from fastdeploy.store.redis import DEFAULT_PREFIX, Keys, RedisStore  # noqa: E402
+from fastdeploy.store.redis_doorbell import RedisDoorbell  # noqa: E402
 
 
 def job(job_id: str, webhook: str | None = None) -> NewJob:
@@ -79,6 +80,7 @@ def test_finished_jobs_get_a_redis_ttl(redis_url):
 def test_an_unreachable_redis_is_a_clear_503_not_a_hang():
     port = _free_port()  # nothing listens here
     store = RedisStore(f"redis://127.0.0.1:{port}/0")
+    bell = RedisDoorbell(f"redis://127.0.0.1:{port}/0")
     info = WorkerInfo("w", 0, "h", 1, 1, True, time.time(), {})
     calls = [
         lambda: store.submit([job("a")]),
@@ -104,22 +106,23 @@ def test_an_unreachable_redis_is_a_clear_503_not_a_hang():
             assert caught.value.status == 503
             assert f"cannot reach Redis at 127.0.0.1:{port}" in caught.value.reason
         # doorbells are hints: they wait out their timeout instead of failing
-        store.listen_for_results()
+        bell.listen_for_results()
         started = time.monotonic()
-        assert store.wait_for_results(0.2) == []
-        store.wait_for_jobs(0, 0.2)
+        assert bell.wait_for_results(0.2) == []
+        bell.wait_for_jobs(0, 0.2)
         assert time.monotonic() - started < 5
     finally:
         store.close()
+        bell.close()
 
 
 def test_the_store_recovers_when_redis_restarts():
     server = PrivateRedis(persistent=True).start()
     store = RedisStore(server.url)
-    listener = RedisStore(server.url)
+    listener = RedisDoorbell(server.url)
     try:
         listener.listen_for_results()
-        store.submit([job("before")])
+        store.submit([NewJob("before", b"x", 1, 9, None, None, listener.address)])
         server.stop()
         with pytest.raises(StoreUnavailable, match="cannot reach Redis"):
             store.claim(0, 8, "w", 30)
@@ -134,7 +137,7 @@ def test_the_store_recovers_when_redis_restarts():
         n = 0
         while not heard and time.monotonic() < deadline:
             n += 1
-            store.submit([job(f"after{n}")])
+            store.submit([NewJob(f"after{n}", b"x", 1, 9, None, None, listener.address)])
             store.claim(0, 8, "w", 30)
             store.finish([Outcome(f"after{n}", 0, result=b"[1]")], "w")
             heard = listener.wait_for_results(0.5)

@@ -1,13 +1,16 @@
 """What only the embedded SQLite store does: large inputs in a table of their own, outcomes
-too large for one datagram, checkpoints and schema upgrades."""
+too large for one datagram, checkpoints, schema upgrades, failed commits."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
 
-from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome
-from fastdeploy.store.bells import MAX_DATAGRAM
+import pytest
+
+from fastdeploy.errors import StoreUnavailable
+from fastdeploy.jobs import JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.store.local_doorbell import MAX_DATAGRAM, LocalDoorbell, bell_folder
 from fastdeploy.store.sqlite import SQLiteStore
 
 
@@ -62,80 +65,63 @@ def test_a_chain_moves_a_large_stage_output_to_the_next_stage(tmp_path):
         store.close()
 
 
-# -- peek: a lone client's job read without a lease ----------------------------------
-def test_peek_reads_the_head_of_the_queue_without_leasing_it(tmp_path):
+# -- a failed COMMIT (disk full, constraint) must not leave the connection stuck ------------
+def test_a_failed_commit_is_rolled_back_and_the_store_keeps_working(tmp_path):
     store = SQLiteStore(tmp_path)
     try:
-        assert store.peek(0) is None
-        store.submit([NewJob("a", b"1", 1, 9, None, None), NewJob("b", b"2", 1, 9, None, None)])
-        peeked = store.peek(0)
-        assert peeked is not None and (peeked.id, peeked.payload, peeked.n_items) == ("a", b"1", 1)
+        db = store._db()
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+        with pytest.raises(sqlite3.IntegrityError):  # fails at COMMIT, like a full disk does
+            with store._write() as conn:
+                conn.execute("INSERT INTO child VALUES (1)")
+        assert not db.in_transaction
+        store.submit([NewJob("a", b"1", 1, 9, None, None)])  # not "cannot start a transaction within a transaction"
         assert store.get(["a"])["a"].status is JobStatus.QUEUED
-        assert [j.id for j in store.claim(0, 8, "w1", 30)] == ["a", "b"]  # nothing was held back
     finally:
         store.close()
 
 
-def test_a_peeked_job_is_finished_once_and_a_dying_loop_leaves_it_queued(tmp_path):
+def test_raw_sqlite_errors_surface_as_the_store_error(tmp_path):
     store = SQLiteStore(tmp_path)
     try:
-        store.submit([NewJob("a", b"1", 1, 9, None, None), NewJob("b", b"2", 1, 9, None, None)])
-        assert store.peek(0).id == "a"
-        store.release_worker("w1")  # the loop died mid-prediction: nothing to requeue, "a" never left
-        assert store.peek(0).id == "a"
-        store.finish([Outcome("a", 0, result=b"[1]")], "w1")
-        store.finish([Outcome("a", 0, result=b"[2]")], "w2")  # a late duplicate changes nothing
-        view = store.get(["a"])["a"]
-        assert (view.status, view.result) == (JobStatus.DONE, b"[1]")
-        assert store.peek(0).id == "b"
-    finally:
-        store.close()
-
-
-def test_peek_leaves_cancelled_timed_out_and_large_jobs_to_the_claim(tmp_path):
-    store = SQLiteStore(tmp_path)
-    try:
-        store.submit([NewJob("gone", b"1", 1, 9, time.time() + 60, None)])
-        store.cancel(["gone"], "client gone", 499)
-        store.finish([Outcome("gone", 0, result=b"[1]")], "w1")  # predicted after all: not delivered
-        assert store.get(["gone"])["gone"].status is JobStatus.FAILED
-        assert store.peek(0) is None
-        store.submit([NewJob("late", b"1", 1, 9, time.time() - 1, None)])
-        assert store.peek(0) is None  # the claim fails it as timed out
-        assert store.claim(0, 8, "w1", 30) == [] and store.get(["late"])["late"].status is JobStatus.FAILED
-        store.submit([NewJob("big", b"x" * 100_000, 1, 9, None, None)])
-        assert store.peek(0) is None  # its input lives in the payloads table
-        assert [j.id for j in store.claim(0, 8, "w1", 30)] == ["big"]
+        store._db().execute("DROP TABLE workers")  # any statement failing inside a public method
+        with pytest.raises(StoreUnavailable, match="no such table"):
+            store.workers()
+        with pytest.raises(StoreUnavailable):
+            store.heartbeat(WorkerInfo("w1", 0, "h", 1, 1, True, time.time(), {}), 30)
     finally:
         store.close()
 
 
 # -- result rings: outcomes go straight to the API server that waits -------------------
-def _news(store: SQLiteStore, want: int) -> list:
+def _news(bell: LocalDoorbell, want: int) -> list:
     news: list = []
     deadline = time.monotonic() + 5
     while len(news) < want and time.monotonic() < deadline:
-        news.extend(store.wait_for_results(0.2))
+        news.extend(bell.wait_for_results(0.2))
     return news
 
 
 def test_an_outcome_too_large_for_one_ring_arrives_as_its_id(tmp_path):
-    api, loop = SQLiteStore(tmp_path), SQLiteStore(tmp_path)
+    api, loop, bell = SQLiteStore(tmp_path), SQLiteStore(tmp_path), LocalDoorbell(bell_folder(tmp_path))
     try:
-        api.listen_for_results()
+        bell.listen_for_results()
         big = b'["' + b"y" * (MAX_DATAGRAM + 100) + b'"]'
         soon = time.time() + 60
-        api.submit([NewJob(f"j{i}", b"x", 1, 9, soon, None, waited=True) for i in range(3)])
+        api.submit([NewJob(f"j{i}", b"x", 1, 9, soon, None, bell.address) for i in range(3)])
         loop.claim(0, 8, "w1", 30)
         loop.finish([Outcome("j0", 0, result=big), Outcome("j1", 0, result=b"[1]"),
                      Outcome("j2", 0, result=b'["' + b"z" * 40_000 + b'"]')], "w1")
-        news = _news(api, 3)
+        news = _news(bell, 3)
         assert "j0" in news  # read from the store instead
         carried = {v.id: v.result for v in news if isinstance(v, JobView)}
         assert set(carried) == {"j1", "j2"} and carried["j2"] == api.get(["j2"])["j2"].result
     finally:
         api.close()
         loop.close()
+        bell.close()
 
 
 def test_a_state_folder_from_before_result_rings_gets_the_new_column(tmp_path):

@@ -3,7 +3,8 @@ import base64
 import pytest
 
 from fastdeploy.errors import BadRequest, PayloadTooLarge
-from fastdeploy.jobs import JobStatus, decode_payload, encode_inputs, encode_prediction, encode_stage_outputs, result_document
+from fastdeploy.bodies import result_document
+from fastdeploy.jobs import JobStatus, decode_payload, encode_inputs, encode_prediction, encode_stage_outputs
 from fastdeploy.payloads import parse_request, safe_file_name, validate_webhook
 
 

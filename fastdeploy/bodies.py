@@ -1,0 +1,66 @@
+"""Every JSON body fastDeploy sends, in one place: answers, errors, result documents.
+
+Predictions are stored as JSON bytes, so the bodies that carry one are assembled
+around those bytes instead of decoding and re-encoding them (a large prediction would
+otherwise be parsed once per answer). Everything else goes through orjson.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import orjson
+
+from fastdeploy.jobs import JobStatus
+
+INTERNAL_ERROR = b'{"success":false,"reason":"internal server error; see the server log"}'
+ALIVE = b'{"success":true,"status":"alive"}'
+READY = b'{"success":true,"status":"ready"}'
+
+
+def _with_prediction(head: dict[str, Any], prediction: Optional[bytes]) -> bytes:
+    """``head`` as a JSON object with ``"prediction"`` appended as raw JSON bytes."""
+    opening = orjson.dumps(head)[:-1]  # without the closing brace
+    return opening + b',"prediction":' + (prediction or b"null") + b"}"
+
+
+def failure(reason: str, unique_id: Optional[str] = None) -> bytes:
+    """The body of every refusal and failed prediction: ``success`` false and a reason a person can act on."""
+    document: dict[str, Any] = {"success": False, "reason": reason}
+    if unique_id is not None:
+        document["unique_id"] = unique_id
+    return orjson.dumps(document)
+
+
+def accepted(unique_id: str) -> bytes:
+    """What /async answers: the id to poll /result with."""
+    return orjson.dumps({"success": True, "unique_id": unique_id})
+
+
+def prediction(unique_id: str, result: Optional[bytes]) -> bytes:
+    """What /sync answers when the prediction succeeded."""
+    return _with_prediction({"success": True, "unique_id": unique_id}, result)
+
+
+def result_document(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str]) -> bytes:
+    """What /result answers and a webhook receives: the job's status, and its outcome once finished."""
+    head: dict[str, Any] = {"unique_id": job_id, "status": status.value}
+    if status is JobStatus.DONE:
+        head["success"] = True
+        return _with_prediction(head, result)
+    if status is JobStatus.FAILED:
+        head.update(success=False, reason=reason or "failed")
+    else:
+        head["success"] = None
+    return orjson.dumps(head)
+
+
+def not_found(unique_id: str) -> bytes:
+    """/result for an id nobody knows (or whose result expired)."""
+    reason = f"unique_id {unique_id!r} is unknown or its result has expired"
+    return orjson.dumps({"unique_id": unique_id, "status": "not_found", "success": False, "reason": reason})
+
+
+def document(value: Any) -> bytes:
+    """Any other JSON answer (meta, openapi)."""
+    return orjson.dumps(value)
