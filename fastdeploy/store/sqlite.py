@@ -132,7 +132,10 @@ class SQLiteStore(Store):
     backend_errors = (sqlite3.Error, OSError)
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the state folder {state_dir}: {exc}") from None
         self.path = state_dir / "jobs.sqlite3"
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -440,11 +443,16 @@ class SQLiteStore(Store):
             )
 
     def workers(self) -> list[WorkerInfo]:
-        rows = self._read("SELECT worker_id, stage, host, pid, batch_size, ready, seen, stats FROM workers")
-        return [
-            WorkerInfo(wid, stage, host, pid, bs, bool(ready), seen, json.loads(stats))
-            for wid, stage, host, pid, bs, ready, seen, stats in rows
-        ]
+        found = []
+        for wid, stage, host, pid, bs, ready, seen, stats in self._read(
+            "SELECT worker_id, stage, host, pid, batch_size, ready, seen, stats FROM workers"
+        ):
+            try:
+                found.append(WorkerInfo(wid, int(stage), host, int(pid), int(bs), bool(ready), float(seen),
+                                        dict(json.loads(stats))))
+            except (ValueError, TypeError) as exc:  # one mangled row must not hide the others
+                log.warning("ignoring an unreadable worker record %r: %s", wid, exc)
+        return found
 
     def release_worker(self, worker_id: str) -> int:
         with self._write() as db:
