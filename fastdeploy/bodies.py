@@ -38,8 +38,8 @@ def accepted(unique_id: str) -> bytes:
 
 
 def prediction(unique_id: str, result: Optional[bytes]) -> bytes:
-    """What /sync answers when the prediction succeeded."""
-    return _with_prediction({"success": True, "unique_id": unique_id}, result)
+    """What /sync answers when the prediction succeeded (assembled directly: every /sync pays for it)."""
+    return b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b',"prediction":' + (result or b"null") + b"}"
 
 
 def result_document(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str]) -> bytes:

@@ -247,9 +247,9 @@ class PredictionLoop:
                 busy = False
                 self.doorbell.wait_for_jobs(self.stage, IDLE_POLL_SECONDS)
                 continue
-            self.doorbell.jobs_claimed(len(jobs))
-            # clients that were just answered are likely sending again: worth a short wait
-            jobs = self._top_up(jobs, busy or time.monotonic() - last_batch_end < RHYTHM_SECONDS)
+            if self.doorbell.jobs_claimed(len(jobs)):
+                # clients that were just answered are likely sending again: worth a short wait
+                jobs = self._top_up(jobs, busy or time.monotonic() - last_batch_end < RHYTHM_SECONDS)
             self.process(jobs, overlap=busy)
             busy = True
             last_batch_end = time.monotonic()

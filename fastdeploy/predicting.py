@@ -22,13 +22,17 @@ def check_outputs(outputs: object, n_inputs: int) -> list[Any]:
     Iterables whose iteration would silently give the wrong outputs (a dict's keys, a
     string's characters, a set's arbitrary order) are refused rather than trusted.
     """
+    if type(outputs) is list and len(outputs) == n_inputs:  # the common case, checked cheaply
+        return outputs
     name = type(outputs).__name__
     what = f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
     if outputs is None:
         raise PredictorOutputError("the predictor returned None; it must return a list with one output per input")
-    if isinstance(outputs, (Mapping, Set, str, bytes, bytearray)) or not isinstance(outputs, Iterable):
+    if isinstance(outputs, (Mapping, Set, str, bytes, bytearray)) or not (
+        isinstance(outputs, Iterable) or (hasattr(outputs, "__len__") and hasattr(outputs, "__getitem__"))
+    ):
         raise PredictorOutputError(f"the predictor returned {what}; it must return a list with one output per input")
-    result = list(outputs)  # a generator is consumed here
+    result = list(outputs)  # type: ignore[call-overload]  # a generator is consumed here
     if len(result) != n_inputs:
         noun = "input" if n_inputs == 1 else "inputs"
         raise PredictorOutputError(

@@ -25,6 +25,7 @@ from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
 from fastdeploy.store.doorbell import Doorbell
+from fastdeploy.tasks import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,11 @@ class Service:
     async def start(self) -> None:
         self.doorbell.listen_for_results()
         self.doorbell.watch_results(asyncio.get_running_loop(), self._deliver)
-        self._poller = asyncio.create_task(self._poll_waiters())
+        self._poller = asyncio.create_task(keep_running("the poll for finished jobs", self._poll_waiters))
         await self.refresh()
 
     async def stop(self) -> None:
-        self.doorbell.stop_watching()
+        await asyncio.get_running_loop().run_in_executor(None, self.doorbell.stop_watching)
         for task in (self._poller, *self._reads):
             if task is not None:
                 task.cancel()
@@ -276,7 +277,7 @@ class Service:
         try:
             await self.bridge.submit(job, alone=len(self._waiters) == 1)
             self._unfinished += 1
-            view = await self.doorbell.wait_for_answer(waiter, alone=lambda: len(self._waiters) == 1)
+            view = await self.doorbell.wait_for_answer(waiter, self._alone)
         except SyncTimeout:
             reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
             return Answer(504, bodies.failure(reason, job.id))
@@ -292,6 +293,10 @@ class Service:
         if view.status is JobStatus.DONE:
             return Answer(200, bodies.prediction(job.id, view.result))
         return Answer(view.error_status, bodies.failure(view.reason or "the prediction failed", job.id))
+
+    def _alone(self) -> bool:
+        """Whether one /sync request alone waits in this process."""
+        return len(self._waiters) == 1
 
     async def _abandon(self, job_id: str) -> None:
         try:
@@ -331,12 +336,11 @@ class Service:
             return
         self._resolve([v for v in views.values() if v.status.finished])
 
-    async def _poll_waiters(self) -> None:
+    async def _poll_waiters(self) -> float:
         """The fallback for lost rings: look at every waiting job now and then."""
-        while True:
-            await asyncio.sleep(RESULT_POLL_SECONDS)
-            if self._waiters:
-                await self._read_and_resolve(list(self._waiters))
+        if self._waiters:
+            await self._read_and_resolve(list(self._waiters))
+        return RESULT_POLL_SECONDS
 
     def _resolve(self, views: list[JobView]) -> None:
         for view in views:

@@ -190,6 +190,12 @@ def load_settings(
     """Resolve every option: flag, then FASTDEPLOY_* variable, then original names in order, then default."""
     flags = dict(flags or {})
     environ = os.environ if environ is None else environ
+    for option in OPTIONS:  # a former name given by a caller counts as the option's own
+        for alias in option.aliases:
+            if alias in flags and flags.get(option.name) is None:
+                flags[option.name] = flags.pop(alias)
+            else:
+                flags.pop(alias, None)
     unknown = set(flags) - set(_BY_NAME)
     if unknown:
         raise SettingsError(f"unknown setting(s): {', '.join(sorted(unknown))}")

@@ -17,6 +17,7 @@ import httpx
 from fastdeploy.errors import FastDeployError
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store, WebhookDelivery
+from fastdeploy.tasks import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +42,44 @@ class WebhookSender:
         self._call = call
         self._client: Optional[httpx.AsyncClient] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outage = False
 
     async def run(self) -> None:
         """Deliver until cancelled."""
         self._client = httpx.AsyncClient(timeout=self.settings.webhook_timeout, follow_redirects=False)
-        lease = self.settings.webhook_timeout + 5.0
-        outage = False
         try:
-            while True:
-                free = CONCURRENCY - len(self._tasks)
-                deliveries: list[WebhookDelivery] = []
-                if free > 0:
-                    try:
-                        deliveries = await self._call(self.store.claim_webhooks, free, lease)
-                        if outage:
-                            log.info("webhook outbox reachable again")
-                        outage = False
-                    except FastDeployError as exc:  # store down: say so once, try again shortly
-                        if not outage:
-                            log.warning("webhook outbox unavailable (retrying quietly): %s", exc.reason)
-                        outage = True
-                for delivery in deliveries:
-                    task = asyncio.create_task(self._deliver(delivery))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                await asyncio.sleep(OUTAGE_POLL_SECONDS if outage else POLL_SECONDS)
+            await keep_running("the webhook sender", self._tick)
         finally:
             for task in list(self._tasks):
                 task.cancel()
             await self._client.aclose()
+
+    async def _tick(self) -> float:
+        """Start the deliveries that are due; returns how long to wait before the next look."""
+        free = CONCURRENCY - len(self._tasks)
+        if free <= 0:
+            return POLL_SECONDS
+        try:
+            deliveries = await self._call(self.store.claim_webhooks, free, self.settings.webhook_timeout + 5.0)
+        except FastDeployError as exc:  # store down: say so once, try again shortly
+            if not self._outage:
+                log.warning("webhook outbox unavailable (retrying quietly): %s", exc.reason)
+            self._outage = True
+            return OUTAGE_POLL_SECONDS
+        if self._outage:
+            log.info("webhook outbox reachable again")
+        self._outage = False
+        for delivery in deliveries:
+            task = asyncio.create_task(self._deliver(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return POLL_SECONDS
+
+    async def _delivered(self, job_id: str) -> None:
+        try:
+            await self._call(self.store.webhook_delivered, job_id)
+        except FastDeployError as exc:  # the lease runs out and it is sent once more: at least once
+            log.warning("could not mark the webhook for %s delivered: %s", job_id, exc.reason)
 
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         assert self._client is not None
@@ -79,7 +89,7 @@ class WebhookSender:
                 delivery.url, content=delivery.body, headers={"Content-Type": "application/json"}
             )
             if 200 <= response.status_code < 300:
-                await self._call(self.store.webhook_delivered, delivery.job_id)
+                await self._delivered(delivery.job_id)
                 return
             error = f"HTTP {response.status_code}"
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:  # the receiver's fault, or its URL's

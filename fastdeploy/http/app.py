@@ -17,8 +17,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, NamedTuple, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,6 +36,7 @@ from fastdeploy.recipe import Recipe
 from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
 from fastdeploy.settings import Settings
 from fastdeploy.store import Backend, open_backend
+from fastdeploy.tasks import keep_running
 from fastdeploy.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,12 @@ JSON = "application/json"
 ONLY_ASYNC_REASON = "this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction"
 
 
-@dataclass(frozen=True)
-class Reply:
-    """An HTTP answer: status, body, extra headers and content type."""
+class Reply(NamedTuple):
+    """An HTTP answer: status, body, extra headers and content type (a tuple: built per request)."""
 
     status: int
     body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: Optional[dict[str, str]] = None
     media_type: str = JSON
 
     @classmethod
@@ -75,6 +74,7 @@ class ApiProcess:
         self._service: Optional[Service] = None
         self._metrics: Optional[Metrics] = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._parent = os.getppid()
 
     @property
     def service(self) -> Service:
@@ -93,7 +93,8 @@ class ApiProcess:
         self._metrics = Metrics(self.service.snapshot, BATCH_BUCKETS, self._metrics_dir, backend.doorbell.STATS)
         await self.service.start()
         sender = WebhookSender(s, backend.store, self.service.bridge.call)
-        self._tasks = [asyncio.create_task(sender.run()), asyncio.create_task(self._refresh_forever())]
+        self._tasks = [asyncio.create_task(sender.run()),
+                       asyncio.create_task(keep_running("the snapshot refresh", self._refresh))]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -104,18 +105,15 @@ class ApiProcess:
         if self._backend is not None:
             self._backend.close()
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh(self) -> float:
         """Keep readiness, queue depth, maintenance and metrics fresh; stop if the supervisor is gone."""
-        parent = os.getppid()
-        while True:
-            await asyncio.sleep(SNAPSHOT_SECONDS)
-            await self.service.refresh()
-            if self._backend is not None:
-                self.metrics.track_doorbell(self._backend.doorbell.stats)
-            if os.getppid() != parent:
-                log.warning("the supervisor is gone; stopping")
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
+        await self.service.refresh()
+        if self._backend is not None:
+            self.metrics.track_doorbell(self._backend.doorbell.stats)
+        if os.getppid() != self._parent:
+            log.warning("the supervisor is gone; stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return SNAPSHOT_SECONDS
 
 
 # -- the error contract and the request boundary --------------------------------------
@@ -124,7 +122,7 @@ def error_reply(exc: BaseException, endpoint: str) -> Reply:
     that left gets a quiet 499; anything else is logged with its trace and answered 500
     without it."""
     if isinstance(exc, FastDeployError):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else {}
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
         return Reply(exc.status, bodies.failure(exc.reason), headers)
     if isinstance(exc, ClientLeft):
         return Reply(499, b"")  # nobody reads it
@@ -135,14 +133,18 @@ def error_reply(exc: BaseException, endpoint: str) -> Reply:
 Handler = Callable[["ApiProcess", Scope, Receive], Awaitable[Reply]]
 
 
-async def answer(endpoint: str, api: ApiProcess, handler: Handler, scope: Scope, receive: Receive) -> Reply:
-    """Run a handler at the request boundary: every error becomes a reply, every reply a metric."""
+async def answer(
+    endpoint: str, api: ApiProcess, handler: Handler, scope: Scope, receive: Receive, counted: bool = True
+) -> Reply:
+    """Run a handler at the request boundary: every error becomes a reply; every reply of a
+    ``counted`` endpoint is a request metric."""
     started = time.perf_counter()
     try:
         reply = await handler(api, scope, receive)
     except Exception as exc:  # the ASGI boundary: error_reply logs the unexpected with its trace
         reply = error_reply(exc, endpoint)
-    api.metrics.observe(endpoint, reply.status, time.perf_counter() - started)
+    if counted:
+        api.metrics.observe(endpoint, reply.status, time.perf_counter() - started)
     return reply
 
 
@@ -221,15 +223,12 @@ async def openapi_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Re
 
 
 # -- Starlette glue ---------------------------------------------------------------------
-def _route(path: str, endpoint: Optional[str], handler: Handler) -> Route:
-    """A Starlette route for a handler; ``endpoint`` names it in the request metrics (None: not counted)."""
+def _route(path: str, endpoint: str, handler: Handler, counted: bool = True) -> Route:
+    """A Starlette route for a handler; ``endpoint`` names it in logs and, when ``counted``, in the request metrics."""
 
     async def run(request: Request) -> Response:
         api: ApiProcess = request.app.state.api
-        if endpoint is None:
-            reply = await handler(api, request.scope, request.receive)
-        else:
-            reply = await answer(endpoint, api, handler, request.scope, request.receive)
+        reply = await answer(endpoint, api, handler, request.scope, request.receive, counted)
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
     return Route(path, run, methods=["GET"] if handler not in _POSTS else ["POST"])
@@ -251,7 +250,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def _send(send: Send, reply: Reply) -> None:
     headers = [(b"content-type", reply.media_type.encode()), (b"content-length", str(len(reply.body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    if reply.headers:
+        headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
 
@@ -268,8 +268,8 @@ class FastDeployApp:
             _route("/health", "health", health_handler),
             _route("/ready", "ready", ready_handler),
             _route("/meta", "meta", meta_handler),
-            _route("/metrics", None, metrics_handler),
-            _route("/openapi.json", None, openapi_handler),
+            _route("/metrics", "metrics", metrics_handler, counted=False),
+            _route("/openapi.json", "openapi", openapi_handler, counted=False),
         ]
         self.framework = Starlette(
             routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: http_error}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from fastdeploy.errors import SettingsError
+from fastdeploy.errors import SettingsError, StoreUnavailable
 from fastdeploy.store.base import Store, WebhookDelivery
 from fastdeploy.store.doorbell import Doorbell
 
@@ -63,7 +63,10 @@ def open_doorbell(broker: str, state_dir: Optional[Path] = None, spin_seconds: f
 
     if state_dir is None:
         raise SettingsError("the embedded store needs a state folder (--state-dir)")
-    return LocalDoorbell(bell_folder(state_dir), spin_seconds)
+    try:
+        return LocalDoorbell(bell_folder(state_dir), spin_seconds)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the doorbell folder in {state_dir}: {exc}") from None
 
 
 def open_backend(broker: str, state_dir: Optional[Path] = None, spin_seconds: float = 0.0) -> Backend:

@@ -33,12 +33,12 @@ WATCH_POLL_SECONDS = 0.25  # longest single wait of the thread that watches for 
 class Doorbell(abc.ABC):
     """Wakes loops when jobs wait, and API servers when their jobs finish."""
 
-    # the counters in ``stats`` (name -> help text), exported as metrics
-    STATS: dict[str, str] = {}
+    # the counters in ``stats`` (name -> help text), exported as metrics by every backend
+    STATS: dict[str, str] = {"spin_seconds": "Seconds spent polling for an expected ring instead of sleeping (SPIN_US)"}
 
     def __init__(self) -> None:
         # cumulative counters a process reports with its metrics (name -> value)
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, float] = {name: 0.0 for name in self.STATS}
         self._watch_stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
 
@@ -60,8 +60,14 @@ class Doorbell(abc.ABC):
         """Like ``wait_for_jobs``, while the loop holds a partial batch it hopes to fill."""
         self.wait_for_jobs(stage, timeout)
 
-    def jobs_claimed(self, count: int) -> None:  # noqa: B027 (optional hook)
-        """Told how many jobs each claim that found work took (the rhythm of arrivals)."""
+    def jobs_claimed(self, count: int) -> bool:
+        """Told how many jobs each claim that found work took (the rhythm of arrivals).
+
+        Returns whether more jobs may come while these are predicted, so that waiting a
+        little for a fuller batch can pay: not so in a lone client's rhythm, whose next
+        request cannot come before this answer.
+        """
+        return True
 
     # -- API side -------------------------------------------------------------
     def listen_for_results(self) -> None:  # noqa: B027 (optional hook)
@@ -85,11 +91,15 @@ class Doorbell(abc.ABC):
 
         def watch() -> None:
             while not self._watch_stop.is_set():
-                news = self.wait_for_results(WATCH_POLL_SECONDS)
-                if news and not self._watch_stop.is_set():
-                    loop.call_soon_threadsafe(deliver, news)
+                try:
+                    news = self.wait_for_results(WATCH_POLL_SECONDS)
+                    if news and not self._watch_stop.is_set():
+                        loop.call_soon_threadsafe(deliver, news)
+                except Exception:  # a thread's top: log it, keep watching (the poll covers the gap)
+                    log.exception("watching for results failed; retrying")
+                    self._watch_stop.wait(WATCH_POLL_SECONDS)
 
-        self._watcher = threading.Thread(target=_logged(watch), name="results", daemon=True)
+        self._watcher = threading.Thread(target=watch, name="results", daemon=True)
         self._watcher.start()
 
     def stop_watching(self) -> None:
@@ -110,14 +120,3 @@ class Doorbell(abc.ABC):
         """Release sockets and connections."""
         self.stop_watching()
 
-
-def _logged(target: Callable[[], None]) -> Callable[[], None]:
-    """A thread body that logs, with its traceback, whatever ends it by surprise."""
-
-    def run() -> None:
-        try:
-            target()
-        except Exception:  # a thread's top: nothing above it would see the error
-            log.exception("the doorbell's watcher thread stopped")
-
-    return run

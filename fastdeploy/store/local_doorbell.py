@@ -82,7 +82,7 @@ class Bells:
         prefix = role + "-"
         try:
             names = [str(self._folder / n) for n in os.listdir(self._folder) if n.startswith(prefix) and n.endswith(".sock")]
-        except FileNotFoundError:
+        except OSError:  # the folder is gone or unreadable: nobody to ring, the readers poll
             names = []
         self._targets[role] = (now, names)
         return names
@@ -147,8 +147,6 @@ class LoneRhythm:
 class LocalDoorbell(Doorbell):
     """The receiving half for one process: one socket, of the role it listens as."""
 
-    STATS = {"spin_seconds": "Seconds spent polling for an expected ring instead of sleeping (SPIN_US)"}
-
     def __init__(self, folder: Path, spin_seconds: float = 0.0) -> None:
         super().__init__()
         self._folder = folder
@@ -158,17 +156,22 @@ class LocalDoorbell(Doorbell):
         self._answer_rhythm = LoneRhythm(spin_seconds)  # an API server: lone /sync answers
         self._woke_alone = False  # the last idle wait ended with one prompt ring
         self._watched: Optional[tuple[asyncio.AbstractEventLoop, Deliver]] = None
-        self.stats["spin_seconds"] = 0.0
 
     # -- the socket -----------------------------------------------------------
     def _listen(self, role: str) -> None:
+        """Bind this process's socket; without one (folder unusable) waits become plain sleeps."""
         # pid and a per-process count: a process may hold several doorbells (tests, tools)
         path = self._folder / f"{role}-{os.getpid()}-{next(_LISTENERS)}.sock"
-        if path.exists():
-            path.unlink()
         receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        receiver.bind(str(path))
-        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        try:
+            if path.exists():
+                path.unlink()
+            receiver.bind(str(path))
+            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError as exc:
+            receiver.close()
+            log.warning("cannot listen for rings at %s (polling instead): %s", path, exc)
+            return
         receiver.setblocking(False)
         self._receiver, self._own_path = receiver, path
 
@@ -226,9 +229,10 @@ class LocalDoorbell(Doorbell):
         self._jobs_rhythm.observe(False, 0.0)  # a loop filling a batch is under load: no polling
         self._receive(timeout)
 
-    def jobs_claimed(self, count: int) -> None:
+    def jobs_claimed(self, count: int) -> bool:
         self._jobs_rhythm.observe(self._woke_alone and count == 1, 0.0)
         self._woke_alone = False
+        return self._jobs_rhythm.spin_seconds() == 0.0  # in a lone client's rhythm, nothing more comes
 
     # -- API side -------------------------------------------------------------
     def listen_for_results(self) -> None:
@@ -258,9 +262,11 @@ class LocalDoorbell(Doorbell):
         """For a lone request in a lone client's rhythm, poll for its answer first, in
         POLL_SLICE_SECONDS slices with an event-loop turn between them; once another
         request is in, stop (a crowd must not be served one request at a time)."""
+        if not alone():  # under load: nothing to decide, and nothing to time
+            self._answer_rhythm.observe(False, 0.0)
+            return await answer
         started = time.perf_counter()
-        lone = alone()
-        spin = self._answer_rhythm.spin_seconds() if lone else 0.0
+        spin = self._answer_rhythm.spin_seconds()
         if spin > 0:
             until = started + spin
             while not answer.done() and alone() and (left := until - time.perf_counter()) > 0:
@@ -270,7 +276,7 @@ class LocalDoorbell(Doorbell):
                     await asyncio.sleep(0)
             self.stats["spin_seconds"] += time.perf_counter() - started
         result = await answer
-        self._answer_rhythm.observe(lone and alone(), time.perf_counter() - started)
+        self._answer_rhythm.observe(alone(), time.perf_counter() - started)
         return result
 
     def close(self) -> None:

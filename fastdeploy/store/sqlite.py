@@ -150,10 +150,16 @@ class SQLiteStore(Store):
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         db.execute("PRAGMA busy_timeout=0")
         self._local.db = db
-        self._bells = Bells(bell_folder(state_dir))
+        try:
+            self._bells = Bells(bell_folder(state_dir))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the doorbell folder in {state_dir}: {exc}") from None
 
     def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
-        log.warning("the job store %s failed in %s: %s", self.path, operation, exc)
+        if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError)):
+            log.error("the job store failed in %s (a bug, not the disk)", operation, exc_info=exc)
+        else:
+            log.warning("the job store %s failed in %s: %s", self.path, operation, exc)
         return StoreUnavailable(f"the job store {self.path.name} failed: {exc}")
 
     # -- plumbing -------------------------------------------------------------
@@ -207,10 +213,13 @@ class SQLiteStore(Store):
         except BaseException:
             _rollback(db)
             raise
-        for role, messages in self._local.rings:
-            self._bells.ring(role, messages)
-        for reader, messages in self._local.direct_rings:
-            self._bells.ring_reader(reader, messages)
+        try:  # committed: from here on nothing may report the write as failed
+            for role, messages in self._local.rings:
+                self._bells.ring(role, messages)
+            for reader, messages in self._local.direct_rings:
+                self._bells.ring_reader(reader, messages)
+        except OSError as exc:  # rings are hints; the readers' polls find the jobs
+            log.warning("could not ring after a commit: %s", exc)
 
     def _ring_after_commit(self, role: str, messages: Sequence[bytes] = (b"",)) -> None:
         self._local.rings.append((role, messages))

@@ -69,12 +69,18 @@ def test_only_the_redis_store_and_its_doorbell_import_redis():
 
 
 def test_the_store_contract_is_about_jobs_and_only_doorbells_poll_for_rings():
+    import re
+
     base = (PACKAGE / "store" / "base.py").read_text().lower()
-    for word in ("ring", "wait_for", "spin", "listen", "peek", "fileno"):
-        assert word not in base, word
+    for word in (r"\brings?\b", "wait_for", "spin", "listen", "peek", "fileno", r"\bpoll"):
+        assert not re.search(word, base), word
+    # the spin budget is an option (settings), handed to the doorbell when it is opened; the
+    # doorbells report what they spent as a counter; nobody else knows there is such a thing
+    knows = {"store.doorbell", "store.local_doorbell", "store.__init__", "settings"}
     for name, path in MODULES.items():
-        if name not in ("store.local_doorbell", "settings", "cli"):  # settings and cli only name the option
-            assert "spin" not in path.read_text().lower().replace("spin_seconds", ""), name
+        if name not in knows:
+            text = path.read_text().lower().replace("settings.spin_seconds", "").replace("s.spin_seconds", "")
+            assert "spin" not in text and "sched_yield" not in text, name
 
 
 def test_no_function_is_longer_than_sixty_lines():
@@ -85,15 +91,26 @@ def test_no_function_is_longer_than_sixty_lines():
                 assert length <= 60, f"{name}.{node.name}: {length} lines"
 
 
-# where `except Exception` may stand: process and thread tops, the request boundary, user code
-BROAD_EXCEPT_ALLOWED = {"http.app", "store.doorbell", "loop", "predicting", "recipe"}
+# where a broad except may stand, and how many: thread and task tops, the request boundary,
+# calls into user code (the predictor, its outputs, payloads it pickled, the recipe's import)
+BROAD_EXCEPTS = {"http.app": 1, "store.doorbell": 1, "tasks": 1, "loop": 3, "predicting": 1, "recipe": 1}
+
+
+def _is_broad(handler: ast.ExceptHandler) -> bool:
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return handler.type is None or any(isinstance(n, ast.Name) and n.id in ("Exception", "BaseException") for n in names)
 
 
 def test_broad_excepts_only_at_boundaries():
+    found: dict[str, int] = {}
     for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ExceptHandler) and isinstance(node.type, ast.Name) and node.type.id == "Exception":
-                assert name in BROAD_EXCEPT_ALLOWED, f"{name}: line {node.lineno}"
+            if isinstance(node, ast.ExceptHandler) and _is_broad(node):
+                found[name] = found.get(name, 0) + 1
+    # `except BaseException: <undo>; raise` (rollback, cleanup) re-raises: allowed in the stores and scratch
+    for name in ("store.sqlite", "store.redis_doorbell", "scratch", "store.__init__"):
+        found.pop(name, None)
+    assert found == BROAD_EXCEPTS
 
 
 def test_importing_the_package_does_no_work():
