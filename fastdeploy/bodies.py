@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import orjson
 
-from fastdeploy.jobs import JobStatus
+from fastdeploy.jobs import JobStatus, WebhookState
 
 INTERNAL_ERROR = b'{"success":false,"reason":"internal server error; see the server log"}'
 ALIVE = b'{"success":true,"status":"alive"}'
@@ -42,17 +42,36 @@ def prediction(unique_id: str, result: Optional[bytes]) -> bytes:
     return b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b',"prediction":' + (result or b"null") + b"}"
 
 
-def result_document(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str]) -> bytes:
-    """What /result answers and a webhook receives: the job's status, and its outcome once finished."""
+def result_document(
+    job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str],
+    webhook: Optional[WebhookState] = None,
+) -> bytes:
+    """What /result answers and a webhook receives: the job's status, and its outcome once
+    finished; /result also tells how the job's webhook delivery stands."""
     head: dict[str, Any] = {"unique_id": job_id, "status": status.value}
+    if webhook is not None:
+        head["webhook"] = {"status": webhook.status, "attempts": webhook.attempts, "last_error": webhook.last_error}
     if status is JobStatus.DONE:
         head["success"] = True
-        return _with_prediction(head, result)
-    if status is JobStatus.FAILED:
-        head.update(success=False, reason=reason or "failed")
+        return _with_prediction(_success_first(head), result)
+    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        head.update(success=False, reason=reason or status.value)
     else:
         head["success"] = None
-    return orjson.dumps(head)
+    return orjson.dumps(_success_first(head))
+
+
+def _success_first(head: dict[str, Any]) -> dict[str, Any]:
+    """unique_id, status, success, reason, then webhook: the order /result has always had, extended."""
+    webhook = head.pop("webhook", None)
+    if webhook is not None:
+        head["webhook"] = webhook
+    return head
+
+
+def cancelled(unique_id: str, status: str) -> bytes:
+    """What /cancel answers: the job will not be answered with a prediction."""
+    return orjson.dumps({"success": True, "unique_id": unique_id, "status": status})
 
 
 def not_found(unique_id: str) -> bytes:

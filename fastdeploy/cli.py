@@ -71,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = load_settings(args.recipe, flags)
         _configure_logging(settings.log_level)
+        if args.store_secret is not None and not args.command.startswith("_"):
+            log.warning("--store-secret on a command line is visible to other users of this host (ps); "
+                        "prefer FASTDEPLOY_STORE_SECRET")
         return _dispatch(args, settings)
     except FastDeployError as exc:
         print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
@@ -89,6 +92,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return _run_loop(settings, recipe, args.stage, args.worker_id)
     from fastdeploy.supervisor import Supervisor
 
+    if args.command in ("run", "serve"):
+        from fastdeploy.http.auth import ApiKeys
+
+        ApiKeys(settings.api_keys, settings.api_keys_file)  # a bad keys file stops here, not in every API server
     if args.command in ("serve", "worker") and not settings.broker:
         log.warning(
             "no --broker given: %s uses the embedded store in %s, shared only with processes on this host",

@@ -15,6 +15,10 @@ class FastDeployError(Exception):
         self.reason = reason
         self.retry_after = retry_after
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer to this error carries."""
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
 
 class SettingsError(FastDeployError):
     """An option has an invalid value; the message names the option."""
@@ -28,8 +32,34 @@ class BadRequest(FastDeployError):
     status = 400
 
 
+class Unauthorized(FastDeployError):
+    """No API key, or one this service does not know."""
+
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="fastdeploy"'}
+
+
+class NotFound(FastDeployError):
+    status = 404
+
+
+class Conflict(FastDeployError):
+    status = 409
+
+
 class PayloadTooLarge(FastDeployError):
     status = 413
+
+
+class TooManyRequests(FastDeployError):
+    """One client (API key or address) has as many unfinished jobs as it may."""
+
+    status = 429
+
+    def __init__(self, reason: str, *, retry_after: Optional[float] = 2.0) -> None:
+        super().__init__(reason, retry_after=retry_after)
 
 
 class Unavailable(FastDeployError):

@@ -2,13 +2,17 @@
 
 No I/O here. Inputs travel as msgpack (JSON values, or file bytes for FILE recipes);
 outputs passed between stages of a chain travel as pickle (stages of one recipe trust
-each other and may hand over any Python object); final predictions are stored as JSON
-bytes so the API answers without decoding them.
+each other and may hand over any Python object), inside an envelope signed with the
+service's store secret, so bytes that anyone else wrote into the store are never
+unpickled; final predictions are stored as JSON bytes so the API answers without
+decoding them.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import os
 import pickle
 import time
@@ -24,10 +28,11 @@ class JobStatus(str, enum.Enum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by its client (POST /cancel); not predicted, or its outcome discarded
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.DONE, JobStatus.FAILED)
+        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 # Reasons the loop records; the API maps them to HTTP statuses.
@@ -59,6 +64,7 @@ class NewJob:
     deadline: Optional[float] = None  # wall-clock time after which nobody waits (sync)
     webhook: Optional[str] = None
     origin: Optional[str] = None  # doorbell address of the API server whose /sync request waits for the outcome
+    owner: str = ""  # who submitted it (an API key's id, or the client's address): its lane, and who may read it
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,15 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
+class WebhookState:
+    """How a job's webhook delivery stands: pending, delivered or failed (given up)."""
+
+    status: str
+    attempts: int
+    last_error: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class JobView:
     """What /result shows of a job."""
 
@@ -81,6 +96,8 @@ class JobView:
     result: Optional[bytes] = None  # JSON bytes of the prediction, when done
     reason: Optional[str] = None  # when failed
     error_status: int = 500  # HTTP status a /sync waiter answers a failure with
+    owner: str = ""  # who submitted it (only ``Store.get`` tells)
+    webhook: Optional[WebhookState] = None  # only ``Store.get`` tells, for a job that has a webhook
 
 
 # News of a finished job: its outcome carried whole, or just its id (read it from the store).
@@ -120,20 +137,67 @@ def encode_inputs(inputs: list[Any], keys: Optional[list[str]] = None) -> bytes:
 
 
 def decode_inputs(payload: bytes) -> tuple[list[Any], Optional[list[str]]]:
+    """The API's msgpack inputs (stage 0 only). msgpack builds plain values, never runs code."""
     data = msgpack.unpackb(payload, raw=False)
-    return data["i"], data["k"]
+    if not isinstance(data, dict) or not isinstance(data.get("i"), list):
+        raise ValueError("not a job payload: expected the API's msgpack inputs")
+    return data["i"], data.get("k")
 
 
-def encode_stage_outputs(outputs: list[Any], keys: Optional[list[str]]) -> bytes:
-    return b"P" + pickle.dumps({"i": outputs, "k": keys}, protocol=pickle.HIGHEST_PROTOCOL)
+# Stage payloads: b"S1" + HMAC-SHA256(secret, b"S1" + pickle) + pickle. The MAC is checked
+# before anything is unpickled, so only a process holding the secret can hand a stage code to run.
+STAGE_PAYLOAD_TAG = b"S1"
+_MAC_SIZE = hashlib.sha256().digest_size
+NOT_SIGNED_REASON = "the stage payload is not signed by this service (check --store-secret on every host)"
 
 
-def decode_payload(payload: bytes) -> tuple[list[Any], Optional[list[str]]]:
-    """Decode a job payload at any stage: msgpack from the API, pickle between stages."""
-    if payload[:1] == b"P":
-        data = pickle.loads(payload[1:])
-        return data["i"], data["k"]
-    return decode_inputs(payload)
+class UntrustedPayload(ValueError):
+    """A payload this stage refuses to load: unsigned, signed with another secret, or the wrong kind."""
+
+
+def _key(secret: Union[str, bytes]) -> bytes:
+    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if not key:
+        raise UntrustedPayload("no store secret is set (give --store-secret or FASTDEPLOY_STORE_SECRET)")
+    return key
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, STAGE_PAYLOAD_TAG + body, hashlib.sha256).digest()
+
+
+def encode_stage_outputs(outputs: list[Any], keys: Optional[list[str]], secret: Union[str, bytes]) -> bytes:
+    """The next stage's payload: the outputs pickled, signed with the service's store secret."""
+    key = _key(secret)
+    body = pickle.dumps({"i": outputs, "k": keys}, protocol=pickle.HIGHEST_PROTOCOL)
+    return STAGE_PAYLOAD_TAG + _mac(key, body) + body
+
+
+def decode_payload(
+    payload: bytes, secret: Union[str, bytes], stage: int
+) -> tuple[list[Any], Optional[list[str]]]:
+    """A job's inputs at ``stage``: the API's msgpack at stage 0; at later stages only a
+    stage payload whose MAC verifies with ``secret``, checked before anything is unpickled.
+
+    Raises ``UntrustedPayload`` for anything else (an unsigned or old ``P`` pickle, a
+    payload signed with another secret, a pickle offered to stage 0).
+    """
+    payload = bytes(payload)
+    if stage == 0:
+        if payload[:1] == b"P" or payload[: len(STAGE_PAYLOAD_TAG)] == STAGE_PAYLOAD_TAG:
+            raise UntrustedPayload("stage 0 takes only the API's msgpack inputs, never a pickled payload")
+        return decode_inputs(payload)
+    key = _key(secret)
+    header = len(STAGE_PAYLOAD_TAG) + _MAC_SIZE
+    if len(payload) <= header or payload[: len(STAGE_PAYLOAD_TAG)] != STAGE_PAYLOAD_TAG:
+        raise UntrustedPayload(NOT_SIGNED_REASON)
+    mac, body = payload[len(STAGE_PAYLOAD_TAG) : header], payload[header:]
+    if not hmac.compare_digest(mac, _mac(key, body)):
+        raise UntrustedPayload(NOT_SIGNED_REASON)
+    data = pickle.loads(body)  # authenticated: written by a stage of this service
+    if not isinstance(data, dict) or not isinstance(data.get("i"), list):
+        raise ValueError("not a stage payload: expected the previous stage's outputs")
+    return data["i"], data.get("k")
 
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS

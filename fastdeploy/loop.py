@@ -27,6 +27,7 @@ from fastdeploy.jobs import (
     BATCH_BUCKETS,
     ClaimedJob,
     Outcome,
+    UntrustedPayload,
     WorkerInfo,
     decode_payload,
     encode_prediction,
@@ -37,6 +38,7 @@ from fastdeploy.recipe import Recipe, load_predictor
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
+from fastdeploy.store_secret import for_loop as store_secret_for
 from fastdeploy.store.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
@@ -317,12 +319,14 @@ class PredictionLoop:
         """A job's inputs for the predictor (its files written to scratch), its file keys, and
         why it cannot be predicted (a corrupt payload fails its own job only)."""
         try:
-            inputs, keys = decode_payload(job.payload)
+            inputs, keys = decode_payload(job.payload, store_secret_for(self.settings), self.stage)
             if self._file_stage:
                 folder, paths = self._scratch_folder().write(inputs)
                 written.append((folder, paths))
                 inputs = paths
             return inputs, keys, None
+        except UntrustedPayload as exc:  # never loaded: a payload this service did not sign fails its job only
+            return [], None, f"could not prepare the inputs: {exc}"
         except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
             return [], None, f"could not prepare the inputs: {describe(exc)}"
 
@@ -371,7 +375,8 @@ class PredictionLoop:
         try:
             if self._is_last:
                 return Outcome(job.id, self.stage, result=encode_prediction(outputs, keys))
-            return Outcome(job.id, self.stage, payload=encode_stage_outputs(outputs, keys), n_items=len(outputs))
+            payload = encode_stage_outputs(outputs, keys, store_secret_for(self.settings))
+            return Outcome(job.id, self.stage, payload=payload, n_items=len(outputs))
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"
             return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {describe(exc)}")

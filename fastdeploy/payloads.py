@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
+import re
+import socket
+import unicodedata
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 import orjson
@@ -76,22 +79,138 @@ def _priority(body: dict[str, Any], default: int) -> int:
     return value
 
 
-def validate_webhook(url: Any, allowed_hosts: frozenset[str]) -> str:
+MAX_WEBHOOK_URL = 2048
+MAX_HOST_NAME = 253
+MAX_HOST_LABEL = 63
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+# cloud metadata services outside 169.254.0.0/16 (AWS IPv6, Alibaba, Azure's wire server, Oracle)
+METADATA_ADDRESSES = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "168.63.129.16", "192.0.0.192")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_HOST_LABEL = re.compile(r"[a-z0-9_-]+")
+CREDENTIALS_REASON = (
+    "webhook URLs may not carry credentials (user:password@); to authenticate deliveries, "
+    "sign them (--webhook-secret) and verify the webhook-signature header in the receiver"
+)
+
+
+def embedded_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one carries (mapped, compatible, NAT64, 6to4), so 169.254.x cannot hide in IPv6."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return address
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address.packed[:12] == bytes(12) and int(address) > 1):
+        return ipaddress.IPv4Address(address.packed[12:])
+    return address
+
+
+def _always_forbidden(address: IPAddress) -> str:
+    """The kind of address no webhook may reach: the host itself, metadata services, broadcast."""
+    if address.is_unspecified or (isinstance(address, ipaddress.IPv4Address) and address.packed[0] == 0):
+        return "unspecified"
+    if address.is_link_local:
+        return "link-local"
+    if address in METADATA_ADDRESSES:
+        return "cloud metadata"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_reserved and not address.is_loopback:
+        return "reserved"
+    return ""
+
+
+def address_refusal(address: IPAddress, deny_private: bool) -> str:
+    """Why a webhook may not connect to ``address`` (like "link-local address 169.254.169.254"), or ""."""
+    plain = embedded_ipv4(address)
+    kind = _always_forbidden(plain)
+    if not kind and deny_private and not plain.is_global:
+        kind = "loopback" if plain.is_loopback else "private" if plain.is_private else "non-public"
+    shown = f"{address} ({plain})" if plain != address else str(address)
+    return f"{kind} address {shown}" if kind else ""
+
+
+def literal_address(host: str) -> Optional[IPAddress]:
+    """The address a URL host names without DNS: an IP literal, or a legacy form like 2852039166 or 0xa9.0xfe.0xa9.0xfe."""
+    name = host[:-1] if host.endswith(".") else host
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    if not name.rsplit(".", 1)[-1][:1].isdigit():
+        return None  # a DNS name (its last label is not numeric), which inet_aton would not take either
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(name))
+    except (OSError, ValueError):
+        return None
+
+
+def check_host_name(host: str) -> str:
+    """The ASCII form of a DNS host name, or BadRequest: lengths of RFC 1035, letters, digits, - and _ only."""
+    try:
+        ascii_host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        raise BadRequest("webhook host is not a valid host name (an empty or over-long label)") from None
+    name = ascii_host[:-1] if ascii_host.endswith(".") else ascii_host
+    if len(name) > MAX_HOST_NAME:
+        raise BadRequest(f"webhook host is {len(name)} characters long; host names have at most {MAX_HOST_NAME}")
+    for label in name.split("."):
+        if len(label) > MAX_HOST_LABEL:
+            raise BadRequest(f"webhook host has a {len(label)}-character label; labels have at most {MAX_HOST_LABEL}")
+        if not _HOST_LABEL.fullmatch(label):
+            raise BadRequest(f"webhook host {name[:80]!r} is not a valid host name (empty label or a character "
+                             "other than letters, digits, '-' and '_')")
+    return ascii_host
+
+
+def _check_url_text(url: Any) -> str:
     if not isinstance(url, str) or not url:
         raise BadRequest("webhook must be an http(s) URL string")
+    if len(url) > MAX_WEBHOOK_URL:
+        raise BadRequest(f"webhook URL is {len(url)} characters long; at most {MAX_WEBHOOK_URL} are allowed")
+    bad = next((c for c in url if c.isspace() or unicodedata.category(c) in ("Cc", "Cf")), None)
+    if bad is not None:
+        raise BadRequest(f"webhook URL contains {bad!r}; spaces, control and format characters must be percent-encoded")
+    return url
+
+
+def _webhook_host(url: str) -> str:
+    """The host of a well-formed http(s) URL without credentials, or BadRequest saying what is wrong."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        _ = parts.port  # raises ValueError on a bad port
     except ValueError as exc:
-        raise BadRequest(f"webhook {url!r} is not a valid URL: {exc}") from None
+        raise BadRequest(f"webhook is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not host:
-        raise BadRequest(f"webhook {url!r} must be an absolute http:// or https:// URL")
+        raise BadRequest("webhook must be an absolute http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise BadRequest(CREDENTIALS_REASON)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise BadRequest("webhook port must be a number from 1 to 65535")
+    return host
+
+
+def validate_webhook(url: Any, allowed_hosts: frozenset[str], deny_private: bool = False) -> str:
+    """Refuse at submit what could never be delivered, or should not be: the client learns it now, with a 400."""
+    host = _webhook_host(_check_url_text(url))
+    address = literal_address(host)
+    if address is None:
+        check_host_name(host)
+    else:
+        refusal = address_refusal(address, deny_private)
+        if refusal:
+            why = " (--webhook-deny-private is set)" if not address_refusal(address, False) else ""
+            raise BadRequest(f"webhook may not target the {refusal}{why}")
     if allowed_hosts and host.lower() not in allowed_hosts:
-        try:
-            literal = str(ipaddress.ip_address(host))
-        except ValueError:
-            literal = host.lower()
+        literal = str(address) if address is not None else host.lower()
         if literal not in allowed_hosts:
             raise BadRequest(f"webhook host {host!r} is not allowed here; allowed: {', '.join(sorted(allowed_hosts))}")
     return url
@@ -104,6 +223,7 @@ def parse_request(
     sync: bool,
     max_items: int,
     allowed_webhook_hosts: frozenset[str] = frozenset(),
+    deny_private_webhooks: bool = False,
 ) -> ParsedRequest:
     """Check a /sync or /async body against the recipe's mode and the limits."""
     document = parse_json_body(body)
@@ -128,7 +248,7 @@ def parse_request(
     if webhook is not None:
         if sync:
             raise BadRequest("webhook is for /async requests; /sync answers with the prediction itself")
-        webhook = validate_webhook(webhook, allowed_webhook_hosts)
+        webhook = validate_webhook(webhook, allowed_webhook_hosts, deny_private_webhooks)
     priority = _priority(document, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
     if file_mode:
         inputs, keys = _decode_files(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from fastdeploy import bodies
-from fastdeploy.errors import FastDeployError, StoreUnavailable, Unavailable
+from fastdeploy.errors import FastDeployError, StoreUnavailable, TooManyRequests, Unavailable
 from fastdeploy.jobs import JobStatus, JobView, NewJob, ResultNews, WorkerInfo, encode_inputs, new_job_id
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+CANCELLED_REASON = "cancelled by the client (POST /cancel)"
 CLIENT_GONE_REASON = "the client closed the connection before the answer; the request was not predicted"
 WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watching its connection
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
@@ -183,6 +185,7 @@ class Service:
         self._depths: list[int] = [0] * recipe.stages
         self._workers: list[WorkerInfo] = []
         self._unfinished = 0
+        self._by_owner: dict[str, int] = {}  # unfinished jobs per owner, when a per-owner bound is set
         self._store_error: Optional[str] = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -203,15 +206,16 @@ class Service:
     async def refresh(self) -> None:
         """Re-read queue depths and live workers; run store maintenance."""
         try:
-            self._depths, self._workers, self._unfinished = await self.bridge.call(self._read_snapshot)
+            self._depths, self._workers, self._unfinished, self._by_owner = await self.bridge.call(self._read_snapshot)
             self._store_error = None
         except FastDeployError as exc:
             self._store_error = exc.reason
 
-    def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int]:
+    def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int, dict[str, int]]:
         now = time.time()
         self.store.maintain(now, self.settings.result_ttl, self.worker_timeout)
-        return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished()
+        by_owner = self.store.unfinished_by_owner() if self.settings.queue_limit_per_key else {}
+        return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished(), by_owner
 
     @property
     def worker_timeout(self) -> float:
@@ -234,7 +238,7 @@ class Service:
         return None
 
     # -- requests -------------------------------------------------------------
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, owner: str) -> None:
         if self._store_error:
             raise StoreUnavailable(self._store_error, retry_after=2.0)
         if self._unfinished >= self.settings.queue_limit:
@@ -242,22 +246,36 @@ class Service:
                 f"the queue is full ({self._unfinished} unfinished jobs, limit {self.settings.queue_limit}); retry later",
                 retry_after=2.0,
             )
+        limit = self.settings.queue_limit_per_key
+        if limit and self._by_owner.get(owner, 0) >= limit:
+            raise TooManyRequests(
+                f"you have {self._by_owner[owner]} unfinished jobs, the most one client may have "
+                f"(QUEUE_LIMIT_PER_KEY={limit}); wait for some to finish, then retry"
+            )
 
-    def _new_job(self, request: ParsedRequest, deadline: Optional[float]) -> NewJob:
+    def _accepted(self, owner: str) -> None:
+        """Count a job in until the next snapshot counts it from the store."""
+        self._unfinished += 1
+        if self.settings.queue_limit_per_key:
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+
+    def _new_job(self, request: ParsedRequest, deadline: Optional[float], owner: str) -> NewJob:
         """A /sync job (one with a deadline) is waited for here: the store sends its outcome back to this process."""
         payload = encode_inputs(request.inputs, request.keys)
         origin = self.doorbell.address if deadline is not None else None
-        return NewJob(new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook, origin)
+        return NewJob(
+            new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook, origin, owner
+        )
 
-    async def submit_async(self, request: ParsedRequest) -> str:
-        self._check_capacity()
-        job = self._new_job(request, None)
+    async def submit_async(self, request: ParsedRequest, owner: str = "") -> str:
+        self._check_capacity(owner)
+        job = self._new_job(request, None, owner)
         await self.bridge.submit(job)
-        self._unfinished += 1
+        self._accepted(owner)
         return job.id
 
     async def predict_sync(
-        self, request: ParsedRequest, client_gone: Optional[Callable[[], Awaitable[None]]] = None
+        self, request: ParsedRequest, owner: str = "", client_gone: Optional[Callable[[], Awaitable[None]]] = None
     ) -> Answer:
         """Queue the job and wait for its outcome, until TIMEOUT or until the client leaves.
 
@@ -265,9 +283,9 @@ class Service:
         taken off the queue (if no loop has started on it), so nobody predicts for no one.
         Watching starts only once a request has waited a little: quick answers skip it.
         """
-        self._check_capacity()
+        self._check_capacity(owner)
         timeout = self.settings.timeout
-        job = self._new_job(request, time.time() + timeout)
+        job = self._new_job(request, time.time() + timeout, owner)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[JobView] = loop.create_future()
         self._waiters[job.id] = waiter
@@ -276,7 +294,7 @@ class Service:
         start_watch = loop.call_later(WATCH_CLIENT_AFTER_SECONDS, watch.start) if client_gone is not None else None
         try:
             await self.bridge.submit(job, alone=len(self._waiters) == 1)
-            self._unfinished += 1
+            self._accepted(owner)
             view = await self.doorbell.wait_for_answer(waiter, self._alone)
         except SyncTimeout:
             reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
@@ -304,12 +322,36 @@ class Service:
         except FastDeployError as exc:  # the job then runs to the end; only work is wasted
             log.warning("could not take abandoned job %s off the queue: %s", job_id, exc.reason)
 
-    async def result(self, unique_id: str) -> Answer:
-        views = await self.bridge.call(self.store.get, [unique_id])
-        view = views.get(unique_id)
+    async def _view(self, unique_id: str, reader: Optional[str]) -> Optional[JobView]:
+        """The job, if it exists and ``reader`` may see it (None: anyone may): another owner's
+        job is as unknown as one that never existed."""
+        view = (await self.bridge.call(self.store.get, [unique_id])).get(unique_id)
+        if view is None or (reader is not None and view.owner != reader):
+            return None
+        return view
+
+    async def result(self, unique_id: str, reader: Optional[str] = None) -> Answer:
+        view = await self._view(unique_id, reader)
         if view is None:
             return Answer(404, bodies.not_found(unique_id))
-        return Answer(200, bodies.result_document(view.id, view.status, view.result, view.reason))
+        return Answer(200, bodies.result_document(view.id, view.status, view.result, view.reason, view.webhook))
+
+    async def cancel(self, unique_id: str, reader: Optional[str] = None) -> Answer:
+        """Cancel a job that is queued (it is not predicted) or being predicted (its outcome is
+        discarded); a finished job is a conflict."""
+        view = await self._view(unique_id, reader)
+        if view is None:
+            return Answer(404, bodies.not_found(unique_id))
+        if not view.status.finished:
+            ended = await self.bridge.call(
+                functools.partial(self.store.cancel, [unique_id], CANCELLED_REASON, 409, status=JobStatus.CANCELLED,
+                                  running=True)
+            )
+            if ended:
+                return Answer(200, bodies.cancelled(unique_id, JobStatus.CANCELLED.value))
+            view = await self._view(unique_id, reader) or view  # it finished meanwhile
+        reason = f"job {unique_id!r} has already ended ({view.status.value}); there is nothing to cancel"
+        return Answer(409, bodies.failure(reason, unique_id))
 
     # -- results -------------------------------------------------------------
     def _deliver(self, news: list[ResultNews]) -> None:

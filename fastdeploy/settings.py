@@ -9,6 +9,8 @@ names such as ``TIMEOUT`` keep working. Precedence: command-line flag, then
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -74,6 +76,9 @@ class Settings:
     state_dir: str = field(default="", metadata=_meta("folder for the embedded store (default RECIPE/.fastdeploy)"))
     broker: str = field(default="", metadata=_meta(
         "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store"))
+    store_secret: str = field(default="", repr=False, metadata=_meta(
+        "key that signs what chain stages hand each other through the store; required with --broker for a "
+        "chain (same on every host); empty = generated into the state folder for the embedded store"))
     timeout: float = field(default=480.0, metadata=_meta(
         "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001))
     max_per_client_batch: int = field(default=0, metadata=_meta(
@@ -100,6 +105,15 @@ class Settings:
     max_body_mb: float = field(default=100.0, metadata=_meta("largest request body in MiB (413 above)", minimum=0.001))
     queue_limit: int = field(default=100000, metadata=_meta(
         "most unfinished jobs before /sync and /async answer 503", minimum=1))
+    queue_limit_per_key: int = field(default=0, metadata=_meta(
+        "most unfinished jobs one API key (or, without keys, one client address) may have; more get 429 "
+        "(0 = no limit)", minimum=0))
+    api_keys: str = field(default="", repr=False, metadata=_meta(
+        "comma-separated API keys; when set (or --api-keys-file), every endpoint but /health and /ready "
+        "needs one (Authorization: Bearer KEY or X-API-Key: KEY)"))
+    api_keys_file: str = field(default="", metadata=_meta(
+        "file with one API key per line (# comments); re-read on SIGHUP"))
+    metrics_open: bool = field(default=False, metadata=_meta("serve /metrics without an API key (for scrapers)"))
     lease_seconds: float = field(default=30.0, metadata=_meta(
         "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1))
     heartbeat_seconds: float = field(default=1.0, metadata=_meta("how often loops report they are alive", minimum=0.01))
@@ -108,6 +122,10 @@ class Settings:
     webhook_backoff: float = field(default=1.0, metadata=_meta(
         "first retry delay in seconds; doubles each attempt", minimum=0))
     webhook_hosts: str = field(default="", metadata=_meta("comma-separated hosts webhooks may target (empty = any)"))
+    webhook_secret: str = field(default="", repr=False, metadata=_meta(
+        "whsec_<base64> secret that signs every webhook (Standard Webhooks headers; empty = unsigned)"))
+    webhook_deny_private: bool = field(default=False, metadata=_meta(
+        "refuse webhooks to loopback and private addresses too (link-local and metadata ones always are)"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
 
     @property
@@ -118,6 +136,10 @@ class Settings:
     def api_processes(self) -> int:
         """How many HTTP server processes to run: http_processes, or one per core (at most 4)."""
         return self.http_processes or max(1, min(4, os.cpu_count() or 1))
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self.api_keys.strip() or self.api_keys_file)
 
     @property
     def spin_seconds(self) -> float:
@@ -182,6 +204,24 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
     return value
 
 
+_PATHS = ("state_dir", "api_keys_file")  # options that name a file or folder
+
+
+def webhook_signing_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret (24 to 64 bytes, as the specification says); SettingsError otherwise."""
+    where = "--webhook-secret (FASTDEPLOY_WEBHOOK_SECRET)"
+    if not secret.startswith("whsec_"):
+        raise SettingsError(f"{where} must be whsec_ followed by base64 of 24 to 64 random bytes, "
+                            "e.g. whsec_$(openssl rand -base64 32)")
+    try:
+        key = base64.b64decode(secret[6:], validate=True)
+    except (binascii.Error, ValueError):
+        raise SettingsError(f"{where}: the part after whsec_ is not valid base64") from None
+    if not 24 <= len(key) <= 64:
+        raise SettingsError(f"{where}: the key is {len(key)} bytes; use 24 to 64 random bytes")
+    return key
+
+
 def load_settings(
     recipe_dir: str | Path,
     flags: Optional[Mapping[str, Any]] = None,
@@ -212,5 +252,10 @@ def load_settings(
             values[option.name] = option.default
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"log level must be debug, info, warning or error, not {values['log_level']!r}")
+    if values["webhook_secret"]:
+        webhook_signing_key(values["webhook_secret"])  # a malformed secret stops the command, naming the option
+    for name in _PATHS:  # relative to where the command was started, not to the recipe folder children run in
+        if values[name]:
+            values[name] = str(Path(values[name]).resolve())
     return Settings(recipe_dir=Path(recipe_dir).resolve(), **values)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastdeploy import store_secret
 from fastdeploy.errors import FastDeployError
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
@@ -85,9 +86,19 @@ class Supervisor:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def _reload(self, *_: object) -> None:
+        """SIGHUP: the API servers re-read the API keys file (each handles its own SIGHUP)."""
+        for child in self.children:
+            if child.role == "api" and child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGHUP)
+
     def run(self) -> int:
+        # before anything starts: a chain on a broker without a secret stops here; the embedded
+        # store's secret is generated (or read back) here and reaches the children in their environment
+        self.settings = store_secret.resolve(self.settings, self.recipe)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
+        signal.signal(signal.SIGHUP, self._reload)
         self._store = open_store(self.settings.broker, self.settings.state_path)
         try:
             if self.serve_api:  # first: a second instance on a taken port must not touch the first's jobs
@@ -226,6 +237,8 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, **self.settings.to_env(), "FASTDEPLOY_SUPERVISED": "1"}
+        if child.role == "api":
+            del env["FASTDEPLOY_STORE_SECRET"]  # only the loops sign and check stage payloads
         if child.role == "loop":
             assert child.stage is not None
             child.worker_id = new_worker_id(child.stage)

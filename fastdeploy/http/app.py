@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastdeploy import bodies
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
+from fastdeploy.http.auth import ApiKeys
 from fastdeploy.http.openapi import openapi_document
 from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
@@ -69,6 +70,7 @@ class ApiProcess:
     def __init__(self, settings: Settings, recipe: Recipe, metrics_dir: Optional[str]) -> None:
         self.settings = settings
         self.recipe = recipe
+        self.keys = ApiKeys(settings.api_keys, settings.api_keys_file)
         self._metrics_dir = metrics_dir
         self._backend: Optional[Backend] = None
         self._service: Optional[Service] = None
@@ -92,6 +94,8 @@ class ApiProcess:
         self._service = Service(s, self.recipe, backend.store, backend.doorbell)
         self._metrics = Metrics(self.service.snapshot, BATCH_BUCKETS, self._metrics_dir, backend.doorbell.STATS)
         await self.service.start()
+        if self.settings.api_keys_file:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
         sender = WebhookSender(s, backend.store, self.service.bridge.call)
         self._tasks = [asyncio.create_task(sender.run()),
                        asyncio.create_task(keep_running("the snapshot refresh", self._refresh))]
@@ -122,8 +126,7 @@ def error_reply(exc: BaseException, endpoint: str) -> Reply:
     that left gets a quiet 499; anything else is logged with its trace and answered 500
     without it."""
     if isinstance(exc, FastDeployError):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-        return Reply(exc.status, bodies.failure(exc.reason), headers)
+        return Reply(exc.status, bodies.failure(exc.reason), exc.headers() or None)
     if isinstance(exc, ClientLeft):
         return Reply(499, b"")  # nobody reads it
     log.error("unexpected error on %s", endpoint, exc_info=exc)
@@ -133,13 +136,19 @@ def error_reply(exc: BaseException, endpoint: str) -> Reply:
 Handler = Callable[["ApiProcess", Scope, Receive], Awaitable[Reply]]
 
 
+OWNER = "fastdeploy.owner"  # where the request's owner (see http.auth) is kept in the ASGI scope
+
+
 async def answer(
-    endpoint: str, api: ApiProcess, handler: Handler, scope: Scope, receive: Receive, counted: bool = True
+    endpoint: str, api: ApiProcess, handler: Handler, scope: Scope, receive: Receive, counted: bool = True,
+    public: bool = False,
 ) -> Reply:
-    """Run a handler at the request boundary: every error becomes a reply; every reply of a
-    ``counted`` endpoint is a request metric."""
+    """Run a handler at the request boundary: the caller is identified (unless the endpoint is
+    ``public``), every error becomes a reply, every reply of a ``counted`` endpoint a metric."""
     started = time.perf_counter()
     try:
+        if not public:
+            scope[OWNER] = api.keys.owner(scope)
         reply = await handler(api, scope, receive)
     except Exception as exc:  # the ASGI boundary: error_reply logs the unexpected with its trace
         reply = error_reply(exc, endpoint)
@@ -182,7 +191,7 @@ async def sync_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply
         await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=True,
         max_items=s.max_per_client_batch,
     )
-    return Reply.of(await api.service.predict_sync(parsed, functools.partial(_disconnected, receive)))
+    return Reply.of(await api.service.predict_sync(parsed, scope[OWNER], functools.partial(_disconnected, receive)))
 
 
 async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -190,13 +199,24 @@ async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
     parsed = parse_request(
         await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=False,
         max_items=s.max_per_client_batch, allowed_webhook_hosts=s.allowed_webhook_hosts,
+        deny_private_webhooks=s.webhook_deny_private,
     )
-    return Reply(200, bodies.accepted(await api.service.submit_async(parsed)))
+    return Reply(200, bodies.accepted(await api.service.submit_async(parsed, scope[OWNER])))
 
 
 async def result_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
     unique_id = parse_unique_id(await read_body(scope, receive, api.settings.max_body_bytes))
-    return Reply.of(await api.service.result(unique_id))
+    return Reply.of(await api.service.result(unique_id, _reader(api, scope)))
+
+
+async def cancel_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    unique_id = parse_unique_id(await read_body(scope, receive, api.settings.max_body_bytes))
+    return Reply.of(await api.service.cancel(unique_id, _reader(api, scope)))
+
+
+def _reader(api: ApiProcess, scope: Scope) -> Optional[str]:
+    """Whose jobs this request may see and cancel: with keys its own only; without, any."""
+    return scope[OWNER] if api.keys.enabled else None
 
 
 async def health_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -223,18 +243,19 @@ async def openapi_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Re
 
 
 # -- Starlette glue ---------------------------------------------------------------------
-def _route(path: str, endpoint: str, handler: Handler, counted: bool = True) -> Route:
-    """A Starlette route for a handler; ``endpoint`` names it in logs and, when ``counted``, in the request metrics."""
+def _route(path: str, endpoint: str, handler: Handler, counted: bool = True, public: bool = False) -> Route:
+    """A Starlette route for a handler; ``endpoint`` names it in logs and, when ``counted``, in the
+    request metrics; a ``public`` one needs no API key."""
 
     async def run(request: Request) -> Response:
         api: ApiProcess = request.app.state.api
-        reply = await answer(endpoint, api, handler, request.scope, request.receive, counted)
+        reply = await answer(endpoint, api, handler, request.scope, request.receive, counted, public)
         return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
 
     return Route(path, run, methods=["GET"] if handler not in _POSTS else ["POST"])
 
 
-_POSTS = {sync_handler, async_handler, result_handler}
+_POSTS = {sync_handler, async_handler, result_handler, cancel_handler}
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -265,10 +286,11 @@ class FastDeployApp:
             _route("/sync", "sync", sync_handler),  # other methods than POST: a 405 from Starlette
             _route("/async", "async", async_handler),
             _route("/result", "result", result_handler),
-            _route("/health", "health", health_handler),
-            _route("/ready", "ready", ready_handler),
+            _route("/cancel", "cancel", cancel_handler),
+            _route("/health", "health", health_handler, public=True),
+            _route("/ready", "ready", ready_handler, public=True),
             _route("/meta", "meta", meta_handler),
-            _route("/metrics", "metrics", metrics_handler, counted=False),
+            _route("/metrics", "metrics", metrics_handler, counted=False, public=settings.metrics_open),
             _route("/openapi.json", "openapi", openapi_handler, counted=False),
         ]
         self.framework = Starlette(

@@ -27,7 +27,7 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
     failure = _obj({"success": {"type": "boolean", "enum": [False]}, "reason": {"type": "string"}}, ["success", "reason"])
     result = _obj({
         "unique_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["queued", "processing", "done", "failed", "not_found"]},
+        "status": {"type": "string", "enum": ["queued", "processing", "done", "failed", "cancelled", "not_found"]},
         "success": {"type": ["boolean", "null"]},
         "prediction": prediction,
         "reason": {"type": "string"},
@@ -47,15 +47,25 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": f"fastDeploy: {recipe.name}", "version": __version__},
+        "components": {"securitySchemes": {  # used when the service runs with API keys
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }},
         "paths": {
             "/sync": post("Predict and wait for the result", _obj({"data": data, "priority": priority}, ["data"]),
                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}, "prediction": prediction}),
-                          ["400", "413", "500", "503", "504"]),
+                          ["400", "401", "413", "429", "500", "503", "504"]),
             "/async": post("Queue a prediction; poll /result or receive a webhook",
                            _obj({"data": data, "priority": priority, "webhook": {"type": "string", "format": "uri"}}, ["data"]),
-                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}}), ["400", "413", "503"]),
+                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}}),
+                           ["400", "401", "413", "429", "503"]),
             "/result": post("Read a job's status and result", _obj({"unique_id": {"type": "string"}}, ["unique_id"]),
-                            result, ["400", "404"]),
+                            result, ["400", "401", "404"]),
+            "/cancel": post("Cancel a queued job, or discard the outcome of one being predicted",
+                            _obj({"unique_id": {"type": "string"}}, ["unique_id"]),
+                            _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"},
+                                  "status": {"type": "string", "enum": ["cancelled"]}}),
+                            ["400", "401", "404", "409"]),
             "/health": get("200 while the process is alive", ["200"]),
             "/ready": get("200 once every stage is loaded and serving, else 503", ["200", "503"]),
             "/meta": get("Recipe, stages, batch sizes, workers and limits", ["200"]),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import ClaimedJob, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,18 @@ class Store(abc.ABC):
         """Jobs waiting to be claimed, per stage."""
 
     @abc.abstractmethod
-    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
-        """Fail the jobs that are still queued (at any stage), so no loop predicts them.
+    def cancel(
+        self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,
+        running: bool = False,
+    ) -> list[str]:
+        """End the jobs that are still queued (at any stage) with ``status`` and ``reason``, so no
+        loop predicts them; with ``running``, jobs being predicted too (their outcome is then
+        discarded: ``finish`` ignores a job that ended). Finished jobs are left alone; a job
+        with a webhook gets it. Returns the ids ended."""
 
-        Jobs already being predicted, or finished, are left alone. Returns the ids failed.
-        """
+    @abc.abstractmethod
+    def unfinished_by_owner(self) -> dict[str, int]:
+        """Jobs queued or processing per owner (for the per-client queue bound)."""
 
     # -- loop side ------------------------------------------------------------
     @abc.abstractmethod
@@ -151,11 +158,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def webhook_delivered(self, job_id: str) -> None:
-        """Remove a delivered (or abandoned) webhook from the outbox."""
+        """Record a delivery: it leaves the outbox, and ``get`` shows it ``delivered``."""
 
     @abc.abstractmethod
-    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
-        """Count a failed attempt and schedule the next one."""
+    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
+        """Count a failed attempt (``error`` says why) and schedule the next one."""
+
+    @abc.abstractmethod
+    def webhook_failed(self, job_id: str, error: str) -> None:
+        """Give a webhook up: it leaves the outbox, and ``get`` shows it ``failed`` with ``error``."""
 
     # -- lifecycle ------------------------------------------------------------
     def checkpoint(self) -> None:  # noqa: B027 (optional hook)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -41,7 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from fastdeploy.bodies import result_document
 from fastdeploy.errors import SettingsError, StoreUnavailable
-from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ class Keys:
         return f"{self.prefix}:seen"
 
     @property
+    def turns(self) -> str:  # hash: stage -> the lane (owner) its last claim ended with
+        return f"{self.prefix}:turns"
+
+    @property
     def results(self) -> str:  # pub/sub channel: newline-separated ids of finished jobs nobody waits for here
         return f"{self.prefix}:results"
 
@@ -106,8 +110,12 @@ class Keys:
         return f"{self.prefix}:job:"
 
     @property
-    def queue_prefix(self) -> str:  # zset per stage: queued job ids, score priority * 1e12 + seq
+    def queue_prefix(self) -> str:  # zset per lane (stage:owner): queued job ids, score priority * 1e12 + seq
         return f"{self.prefix}:queue:"
+
+    @property
+    def lanes_prefix(self) -> str:  # zset per stage: owners with queued jobs (all score 0: in name order)
+        return f"{self.prefix}:lanes:"
 
     @property
     def held_prefix(self) -> str:  # set per worker: ids of the jobs it holds
@@ -124,8 +132,11 @@ class Keys:
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
 
-    def queue(self, stage: int) -> str:
-        return self.queue_prefix + str(stage)
+    def queue(self, stage: int, owner: str = "") -> str:
+        return f"{self.queue_prefix}{stage}:{owner}"
+
+    def lanes(self, stage: int) -> str:
+        return self.lanes_prefix + str(stage)
 
     def held(self, worker_id: str) -> str:
         return self.held_prefix + worker_id
@@ -141,21 +152,24 @@ class Keys:
         return f"{self.prefix}:*"
 
     def script_keys(self) -> list[str]:
-        """KEYS[1..8] of every script, in the order _LUA_PRELUDE names them."""
-        return [self.seq, self.leased, self.finished, self.outbox, self.stages, self.config, self.workers, self.seen]
+        """KEYS[1..9] of every script, in the order _LUA_PRELUDE names them."""
+        return [self.seq, self.leased, self.finished, self.outbox, self.stages, self.config, self.workers, self.seen,
+                self.turns]
 
     def script_prefixes(self) -> list[str]:
-        """ARGV[1..6] of every script, in the order _LUA_PRELUDE names them."""
-        return [self.job_prefix, self.queue_prefix, self.held_prefix, self.bell_prefix, self.hook_prefix, self.results]
+        """ARGV[1..7] of every script, in the order _LUA_PRELUDE names them."""
+        return [self.job_prefix, self.queue_prefix, self.held_prefix, self.bell_prefix, self.hook_prefix, self.results,
+                self.lanes_prefix]
 
 
 # -- Lua ------------------------------------------------------------------------------
 # Shared by every script: key names from KEYS/ARGV, and the steps several scripts take.
 _LUA_PRELUDE = """
 local K_SEQ, K_LEASED, K_FINISHED, K_OUTBOX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_STAGES, K_CONFIG, K_WORKERS, K_SEEN = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_STAGES, K_CONFIG, K_WORKERS, K_SEEN, K_TURNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local P_JOB, P_QUEUE, P_HELD, P_BELL, P_HOOK, CH_RESULTS = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local A = 7  -- first argument of the script itself
+local P_LANES = ARGV[7]
+local A = 8  -- first argument of the script itself
 local SCORE_SCALE = 1000000000000
 local BELL_TOKENS = 16
 local BELL_TTL = 60
@@ -171,8 +185,13 @@ local function ring_results(ids)
   if #ids > 0 then redis.call('PUBLISH', CH_RESULTS, table.concat(ids, '\\n')) end
 end
 
-local function enqueue(id, stage, priority, seq)
-  redis.call('ZADD', P_QUEUE .. stage, tonumber(priority) * SCORE_SCALE + tonumber(seq), id)
+local function lane(stage, owner)
+  return P_QUEUE .. stage .. ':' .. (owner or '')
+end
+
+local function enqueue(id, stage, priority, seq, owner)
+  redis.call('ZADD', lane(stage, owner), tonumber(priority) * SCORE_SCALE + tonumber(seq), id)
+  redis.call('ZADD', P_LANES .. stage, 0, owner or '')
   redis.call('SADD', K_STAGES, stage)
 end
 
@@ -184,8 +203,8 @@ end
 -- End a job for good (done or failed): drop its inputs, index it for expiry, queue its webhook.
 local function finalize(id, now, fields)
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'stage', 'status', 'worker', 'webhook')
-  if f[2] == 'queued' then redis.call('ZREM', P_QUEUE .. f[1], id) end
+  local f = redis.call('HMGET', jk, 'stage', 'status', 'worker', 'webhook', 'owner')
+  if f[2] == 'queued' then redis.call('ZREM', lane(f[1], f[5]), id) end
   unlease(id, f[3])
   redis.call('HDEL', jk, 'payload', 'lease_until')
   redis.call('HSET', jk, 'worker', '', 'finished', now, unpack(fields))
@@ -193,7 +212,7 @@ local function finalize(id, now, fields)
   local ttl = tonumber(redis.call('HGET', K_CONFIG, 'result_ttl'))
   if ttl then redis.call('PEXPIRE', jk, math.floor(ttl * 1000)) end
   if f[4] and f[4] ~= '' then
-    redis.call('HSET', P_HOOK .. id, 'url', f[4], 'attempts', 0)
+    redis.call('HSET', P_HOOK .. id, 'url', f[4], 'attempts', 0, 'status', 'pending', 'last_error', '')
     redis.call('ZADD', K_OUTBOX, now, id)
   end
 end
@@ -201,7 +220,7 @@ end
 -- Put a leased job back in the queue, or fail it once it has cost MAX_ATTEMPTS loops.
 local function requeue(id, now, max_attempts, poison, failed, rings)
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'stage', 'worker', 'attempts', 'priority', 'seq')
+  local f = redis.call('HMGET', jk, 'stage', 'worker', 'attempts', 'priority', 'seq', 'owner')
   local attempts = tonumber(f[3] or '0') + 1
   if attempts >= max_attempts then
     local reason = string.gsub(poison, '{n}', tostring(attempts))
@@ -211,62 +230,90 @@ local function requeue(id, now, max_attempts, poison, failed, rings)
     unlease(id, f[2])
     redis.call('HDEL', jk, 'lease_until')
     redis.call('HSET', jk, 'status', 'queued', 'worker', '', 'attempts', attempts)
-    enqueue(id, f[1], f[4], f[5])
+    enqueue(id, f[1], f[4], f[5], f[6])
     rings[f[1]] = true
   end
 end
 """
 
-# ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook, origin) per job;
+# ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook, origin, owner) per job;
 # origin: the API server whose /sync request waits for the job ('' when none does)
 _LUA_SUBMIT = """
 local now = ARGV[A]
-local count = (#ARGV - A) / 7
+local count = (#ARGV - A) / 8
 local last = redis.call('INCRBY', K_SEQ, count)
 local seq = last - count
-for i = A + 1, #ARGV, 7 do
+for i = A + 1, #ARGV, 8 do
   seq = seq + 1
   local id = ARGV[i]
   redis.call('HSET', P_JOB .. id, 'stage', '0', 'status', 'queued', 'priority', ARGV[i + 1], 'seq', seq,
     'payload', ARGV[i + 2], 'n_items', ARGV[i + 3], 'deadline', ARGV[i + 4], 'webhook', ARGV[i + 5],
-    'origin', ARGV[i + 6], 'attempts', '0', 'created', now)
-  enqueue(id, '0', ARGV[i + 1], seq)
+    'origin', ARGV[i + 6], 'owner', ARGV[i + 7], 'attempts', '0', 'created', now)
+  enqueue(id, '0', ARGV[i + 1], seq, ARGV[i + 7])
 end
 ring_jobs('0')
 return count
 """
 
-# ARGV[A..]: stage, max_items, worker, now, lease_until, timed-out reason, scan limit
+# ARGV[A..]: stage, max_items, worker, now, lease_until, timed-out reason, scan limit, max lanes
 # Returns (id, payload, n_items, deadline) per claimed job, flattened.
+# Fair share (as fastdeploy/store/fairness.py): one job per lane (owner) per round, the lanes
+# in name order starting after the one the last claim ended with; within a lane, priority then arrival.
 _LUA_CLAIM = """
 local stage, max_items, worker = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2]
 local now, lease_until, reason, scan_limit = ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], tonumber(ARGV[A + 6])
+local max_lanes = tonumber(ARGV[A + 7])
 local nnow = tonumber(now)
-local queue = P_QUEUE .. stage
-local chunk = math.max(1, math.min(max_items, 500))
+local lanes_key = P_LANES .. stage
+local last = redis.call('HGET', K_TURNS, stage) or ''
+local lanes = redis.call('ZRANGEBYLEX', lanes_key, '(' .. last, '+', 'LIMIT', 0, max_lanes)
+if #lanes < max_lanes then
+  for _, owner in ipairs(redis.call('ZRANGEBYLEX', lanes_key, '-', '[' .. last, 'LIMIT', 0, max_lanes - #lanes)) do
+    lanes[#lanes + 1] = owner
+  end
+end
 local out, timed_out = {}, {}
 local items, taken, scanned = 0, 0, 0
-local full = false
-while not full and scanned < scan_limit do
-  local ids = redis.call('ZRANGE', queue, 0, chunk - 1)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
+local ended = nil
+
+-- the lane's next live job: (id, fields) or nil; stale index entries and timed-out jobs are cleared
+local function next_job(owner)
+  local queue = lane(stage, owner)
+  while scanned < scan_limit do
+    local ids = redis.call('ZRANGE', queue, 0, 0)
+    if #ids == 0 then
+      redis.call('ZREM', lanes_key, owner)
+      return nil
+    end
+    local id = ids[1]
     scanned = scanned + 1
-    local jk = P_JOB .. id
-    local f = redis.call('HMGET', jk, 'status', 'stage', 'n_items', 'deadline', 'payload')
+    local f = redis.call('HMGET', P_JOB .. id, 'status', 'stage', 'n_items', 'deadline', 'payload')
     if f[1] ~= 'queued' or f[2] ~= stage then
       redis.call('ZREM', queue, id)  -- stale index entry (expired or moved on)
     elseif f[4] and f[4] ~= '' and tonumber(f[4]) < nnow then
       finalize(id, now, {'status', 'failed', 'reason', reason, 'error_status', '504'})
       timed_out[#timed_out + 1] = id
     else
+      return id, f
+    end
+  end
+  return nil
+end
+
+local live = lanes
+local full = false
+while #live > 0 and not full do
+  local still = {}
+  for _, owner in ipairs(live) do
+    local id, f = next_job(owner)
+    if id then
       local n = tonumber(f[3])
       if taken > 0 and items + n > max_items then
         full = true
         break
       end
-      redis.call('ZREM', queue, id)
-      redis.call('HSET', jk, 'status', 'processing', 'worker', worker, 'lease_until', lease_until)
+      redis.call('ZREM', lane(stage, owner), id)
+      redis.call('HSET', P_JOB .. id, 'status', 'processing', 'worker', worker, 'lease_until', lease_until)
       redis.call('ZADD', K_LEASED, lease_until, id)
       redis.call('SADD', P_HELD .. worker, id)
       out[#out + 1] = id
@@ -275,9 +322,13 @@ while not full and scanned < scan_limit do
       out[#out + 1] = f[4] or ''
       taken = taken + 1
       items = items + n
+      ended = owner
+      still[#still + 1] = owner
     end
   end
+  live = still
 end
+if ended and ended ~= last then redis.call('HSET', K_TURNS, stage, ended) end
 ring_results(timed_out)
 return out
 """
@@ -298,15 +349,15 @@ end
 for i = A + 1, #ARGV, 5 do
   local id, stage, kind, data, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin')
+  local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin', 'owner')
   if (f[1] == 'processing' or f[1] == 'queued') and f[2] == stage then
     if kind == 'next' then
-      if f[1] == 'queued' then redis.call('ZREM', P_QUEUE .. stage, id) end
+      if f[1] == 'queued' then redis.call('ZREM', lane(stage, f[7]), id) end
       unlease(id, f[3])
       local nxt = tostring(tonumber(stage) + 1)
       redis.call('HDEL', jk, 'lease_until')
       redis.call('HSET', jk, 'stage', nxt, 'status', 'queued', 'payload', data, 'n_items', extra, 'worker', '')
-      enqueue(id, nxt, f[4], f[5])
+      enqueue(id, nxt, f[4], f[5], f[7])
       rings[nxt] = true
     elseif kind == 'done' then
       finalize(id, now, {'status', 'done', 'result', data})
@@ -325,14 +376,15 @@ end
 return #finished
 """
 
-# ARGV[A..]: now, reason, error status, then the ids; fails those still queued
+# ARGV[A..]: now, reason, error status, status, running ('1': jobs being predicted too), then the ids
 _LUA_CANCEL = """
-local now, reason, status = ARGV[A], ARGV[A + 1], ARGV[A + 2]
+local now, reason, error_status, status, running = ARGV[A], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
 local cancelled = {}
-for i = A + 3, #ARGV do
+for i = A + 5, #ARGV do
   local id = ARGV[i]
-  if redis.call('HGET', P_JOB .. id, 'status') == 'queued' then
-    finalize(id, now, {'status', 'failed', 'reason', reason, 'error_status', status})
+  local current = redis.call('HGET', P_JOB .. id, 'status')
+  if current == 'queued' or (running == '1' and current == 'processing') then
+    finalize(id, now, {'status', status, 'reason', reason, 'error_status', error_status})
     cancelled[#cancelled + 1] = id
   end
 end
@@ -434,9 +486,21 @@ return out
 # ARGV[A..]: job id, next attempt time
 _LUA_WEBHOOK_RETRY = """
 local id = ARGV[A]
+if redis.call('HGET', P_HOOK .. id, 'status') == 'pending' then
+  redis.call('HINCRBY', P_HOOK .. id, 'attempts', 1)
+  redis.call('HSET', P_HOOK .. id, 'last_error', ARGV[A + 2])
+  redis.call('ZADD', K_OUTBOX, ARGV[A + 1], id)
+end
+return 1
+"""
+
+# ARGV[A..]: job id, final status (delivered or failed), error. Takes the webhook out of the outbox for good.
+_LUA_WEBHOOK_END = """
+local id = ARGV[A]
+redis.call('ZREM', K_OUTBOX, id)
 if redis.call('EXISTS', P_HOOK .. id) == 1 then
   redis.call('HINCRBY', P_HOOK .. id, 'attempts', 1)
-  redis.call('ZADD', K_OUTBOX, ARGV[A + 1], id)
+  redis.call('HSET', P_HOOK .. id, 'status', ARGV[A + 1], 'last_error', ARGV[A + 2])
 end
 return 1
 """
@@ -445,9 +509,46 @@ return 1
 _LUA_UNFINISHED = """
 local total = redis.call('ZCARD', K_LEASED)
 for _, stage in ipairs(redis.call('SMEMBERS', K_STAGES)) do
-  total = total + redis.call('ZCARD', P_QUEUE .. stage)
+  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
+    total = total + redis.call('ZCARD', lane(stage, owner))
+  end
 end
 return total
+"""
+
+# Returns (owner, count) pairs, flattened: jobs queued or processing per owner.
+_LUA_BY_OWNER = """
+local counts = {}
+for _, stage in ipairs(redis.call('SMEMBERS', K_STAGES)) do
+  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
+    counts[owner] = (counts[owner] or 0) + redis.call('ZCARD', lane(stage, owner))
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', K_LEASED, 0, -1)) do
+  local owner = redis.call('HGET', P_JOB .. id, 'owner')
+  if owner then counts[owner] = (counts[owner] or 0) + 1 end
+end
+local out = {}
+for owner, n in pairs(counts) do
+  if n > 0 then
+    out[#out + 1] = owner
+    out[#out + 1] = n
+  end
+end
+return out
+"""
+
+# ARGV[A..]: number of stages. Returns the jobs queued at each stage (every lane).
+_LUA_DEPTHS = """
+local depths = {}
+for stage = 0, tonumber(ARGV[A]) - 1 do
+  local total = 0
+  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
+    total = total + redis.call('ZCARD', lane(stage, owner))
+  end
+  depths[#depths + 1] = total
+end
+return depths
 """
 
 # -- tuning -----------------------------------------------------------------------------
@@ -455,6 +556,7 @@ CONNECT_TIMEOUT = 2.0  # seconds to open a connection before giving up
 SOCKET_TIMEOUT = 5.0  # seconds any reply may take
 MAX_BELL_WAIT = 2.0  # longest single BLPOP / pub/sub wait (well under SOCKET_TIMEOUT)
 CLAIM_SCAN_LIMIT = 10_000  # most queue entries one claim looks at (bounds the script's run time)
+MAX_LANES = 64  # owners one claim takes turns between (the next claim goes on from there)
 MAINTAIN_BATCH = 1_000  # ids handled per maintenance script call
 MAINTAIN_ROUNDS = 20  # most script calls per kind in one maintain(): bounds how long it holds the API's store thread
 
@@ -471,6 +573,17 @@ def _split_url(url: str) -> tuple[str, str]:
         else:
             rest.append((name, value))
     return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+def _webhook_state(fields: Sequence[Any]) -> Optional[WebhookState]:
+    status, attempts, error = fields
+    if status is None:
+        return None
+    return WebhookState(_text(status), int(attempts or 0), _text(error) if error else None)
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
 def _text(value: Any) -> str:
@@ -512,7 +625,10 @@ class RedisStore(Store):
         self._expire = register(_LUA_PRELUDE + _LUA_EXPIRE)
         self._claim_hooks = register(_LUA_PRELUDE + _LUA_CLAIM_WEBHOOKS)
         self._retry_hook = register(_LUA_PRELUDE + _LUA_WEBHOOK_RETRY)
+        self._end_hook = register(_LUA_PRELUDE + _LUA_WEBHOOK_END)
         self._unfinished = register(_LUA_PRELUDE + _LUA_UNFINISHED)
+        self._depths = register(_LUA_PRELUDE + _LUA_DEPTHS)
+        self._by_owner = register(_LUA_PRELUDE + _LUA_BY_OWNER)
         self._script_keys = self.keys.script_keys()
         self._prefixes = self.keys.script_prefixes()
 
@@ -541,7 +657,7 @@ class RedisStore(Store):
         for job in jobs:
             deadline = "" if job.deadline is None else repr(float(job.deadline))
             args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "",
-                     job.origin or ""]
+                     job.origin or "", job.owner]
         self._run(self._submit, *args)
         return True
 
@@ -551,8 +667,12 @@ class RedisStore(Store):
             chunk = list(ids[start : start + 500])
             pipe = self._redis.pipeline(transaction=False)
             for job_id in chunk:
-                pipe.hmget(self.keys.job(job_id), "status", "result", "reason", "error_status")
-            for job_id, (status, result, reason, error_status) in zip(chunk, pipe.execute()):
+                pipe.hmget(self.keys.job(job_id), "status", "result", "reason", "error_status", "owner")
+                pipe.hmget(self.keys.hook(job_id), "status", "attempts", "last_error")
+            replies = pipe.execute()
+            for job_id, (status, result, reason, error_status, owner), hook in zip(
+                chunk, replies[0::2], replies[1::2]
+            ):
                 if status is None:
                     continue
                 views[job_id] = JobView(
@@ -561,29 +681,35 @@ class RedisStore(Store):
                     result,
                     None if reason is None else _text(reason),
                     int(error_status) if error_status else 500,
+                    "" if owner is None else _text(owner),
+                    _webhook_state(hook),
                 )
         return views
 
-    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
+    def cancel(
+        self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,
+        running: bool = False,
+    ) -> list[str]:
         if not ids:
             return []
-        return [_text(i) for i in self._run(self._cancel, repr(time.time()), reason, int(error_status), *ids)]
+        args = (repr(time.time()), reason, int(error_status), status.value, "1" if running else "0", *ids)
+        return [_text(i) for i in self._run(self._cancel, *args)]
+
+    def unfinished_by_owner(self) -> dict[str, int]:
+        return {_text(owner): int(n) for owner, n in _pairs(self._run(self._by_owner))}
 
     def unfinished(self) -> int:
         return int(self._run(self._unfinished))
 
     def queue_depths(self, stages: int) -> list[int]:
-        pipe = self._redis.pipeline(transaction=False)
-        for stage in range(stages):
-            pipe.zcard(self.keys.queue(stage))
-        return [int(n) for n in pipe.execute()]
+        return [int(n) for n in self._run(self._depths, int(stages))]
 
     # -- loop side ------------------------------------------------------------
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
         flat = self._run(
             self._claim, stage, int(max_items), worker_id, repr(now), repr(now + lease_seconds), TIMED_OUT_REASON,
-            CLAIM_SCAN_LIMIT,
+            CLAIM_SCAN_LIMIT, MAX_LANES,
         )
         claimed = []
         for i in range(0, len(flat), 4):
@@ -665,20 +791,20 @@ class RedisStore(Store):
         for job_id, url, attempts in pending:
             view = views.get(job_id)
             if view is None or not view.status.finished:  # the result expired: nothing left to send
-                self.webhook_delivered(job_id)
+                self.webhook_failed(job_id, "the job's result expired before the webhook could be delivered")
                 continue
             body = result_document(job_id, view.status, view.result, view.reason)
             deliveries.append(WebhookDelivery(job_id, url, body, attempts))
         return deliveries
 
     def webhook_delivered(self, job_id: str) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.zrem(self.keys.outbox, job_id)
-        pipe.delete(self.keys.hook(job_id))
-        pipe.execute()
+        self._run(self._end_hook, job_id, "delivered", "")
 
-    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
-        self._run(self._retry_hook, job_id, repr(float(next_attempt_at)))
+    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
+        self._run(self._retry_hook, job_id, repr(float(next_attempt_at)), error)
+
+    def webhook_failed(self, job_id: str, error: str) -> None:
+        self._run(self._end_hook, job_id, "failed", error)
 
     # -- for tests and operators ------------------------------------------------
     def delete_all(self) -> int:

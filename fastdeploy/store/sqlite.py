@@ -15,13 +15,15 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from fastdeploy.bodies import result_document
 from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
+from fastdeploy.store.fairness import WeighedJob, fair_share
 from fastdeploy.store.local_doorbell import API_ROLE, MAX_DATAGRAM, Bells, bell_folder, stage_role
 from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages
 
@@ -37,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     deadline REAL,
     webhook TEXT,
     origin TEXT,  -- the bell of the API server whose /sync request waits for this job
+    owner TEXT NOT NULL DEFAULT '',  -- the API key (or client address) that submitted it: its lane
     worker TEXT,
     lease_until REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     finished REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(stage, priority, seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_lanes ON jobs(stage, owner, priority, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(worker) WHERE status = 'processing';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS payloads (
@@ -63,13 +66,19 @@ CREATE TABLE IF NOT EXISTS workers (
     seen REAL NOT NULL,
     stats TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS turns (  -- per stage, the lane (owner) the last claim ended with
+    stage INTEGER PRIMARY KEY,
+    owner TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS webhooks (
     job_id TEXT PRIMARY KEY,
     url TEXT NOT NULL,
     body BLOB NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
-    lease_until REAL
+    lease_until REAL,
+    status TEXT NOT NULL DEFAULT 'pending',  -- pending (in the outbox), delivered, failed
+    last_error TEXT
 );
 """
 
@@ -87,11 +96,32 @@ _RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoin
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
-# the first queued jobs of a stage, in the order loops take them
-_QUEUE_HEAD = (
-    "SELECT seq, id, payload, n_items, deadline, webhook FROM jobs"
-    " WHERE status = 'queued' AND stage = ? ORDER BY priority, seq LIMIT ?"
+MAX_LANES = 64  # owners one claim takes turns between (the next claim goes on from there)
+# the first queued jobs of one lane (stage and owner), in the order its owner chose
+_LANE_HEAD = (
+    "SELECT seq, id, payload, n_items, deadline, webhook, priority FROM jobs"
+    " WHERE status = 'queued' AND stage = ?1 AND owner = ?2 AND (priority, seq) > (?3, ?4)"
+    " ORDER BY priority, seq LIMIT ?5"
 )
+# the owners with queued jobs at a stage, in turn: those after the lane the last claim ended
+# with, then from the start up to it. Each step is one seek in the jobs_lanes index.
+_LANES = """
+WITH RECURSIVE
+ t(last) AS (SELECT COALESCE((SELECT owner FROM turns WHERE stage = ?1), '')),
+ a(owner) AS (
+   SELECT (SELECT MIN(owner) FROM jobs WHERE status = 'queued' AND stage = ?1 AND owner > (SELECT last FROM t))
+   UNION ALL
+   SELECT (SELECT MIN(j.owner) FROM jobs j WHERE j.status = 'queued' AND j.stage = ?1 AND j.owner > a.owner)
+   FROM a WHERE a.owner IS NOT NULL LIMIT ?2),
+ b(owner) AS (
+   SELECT (SELECT MIN(owner) FROM jobs WHERE status = 'queued' AND stage = ?1)
+   UNION ALL
+   SELECT (SELECT MIN(j.owner) FROM jobs j WHERE j.status = 'queued' AND j.stage = ?1 AND j.owner > b.owner)
+   FROM b WHERE b.owner IS NOT NULL AND b.owner < (SELECT last FROM t) LIMIT ?2)
+SELECT owner FROM a WHERE owner IS NOT NULL
+UNION ALL
+SELECT owner FROM b WHERE owner IS NOT NULL AND owner <= (SELECT last FROM t)
+"""
 
 
 def _inline(payload: bytes) -> Optional[bytes]:
@@ -99,6 +129,62 @@ def _inline(payload: bytes) -> Optional[bytes]:
     payloads table, because SQLite rewrites a whole row whenever its size changes, and every
     status change (claim, requeue) would copy a large input again."""
     return payload if len(payload) <= _INLINE_PAYLOAD else None
+
+
+@dataclass
+class _Row:
+    """A queued job as the claim reads it."""
+
+    seq: int
+    id: str
+    payload: Optional[bytes]
+    n_items: int
+    deadline: Optional[float]
+    stage: int
+
+
+class _LanePicker:
+    """Reads each lane's next job for one claim, in its owner's order; sets timed-out jobs aside."""
+
+    _END = (-2, -2)  # a lane read to its end
+
+    def __init__(self, db: sqlite3.Connection, stage: int, limit: int, now: float) -> None:
+        self._db, self._stage, self._limit, self._now = db, stage, limit, now
+        self._read: dict[str, list[tuple]] = {}  # rows read and not yet handed out, per lane
+        self._after: dict[str, tuple[int, int]] = {}  # (priority, seq) of the last row read, per lane
+        self.timed_out: list[tuple[str, Optional[str]]] = []
+
+    def next_job(self, owner: str) -> Optional[WeighedJob[_Row]]:
+        """The lane's next live job (None when it has none left)."""
+        while True:
+            rows = self._read.get(owner) or self._fetch(owner)
+            if not rows:
+                return None
+            seq, job_id, payload, n_items, deadline, webhook, _ = rows.pop(0)
+            if deadline is not None and deadline < self._now:
+                self.timed_out.append((job_id, webhook))
+                continue
+            return WeighedJob(n_items, _Row(seq, job_id, payload, n_items, deadline, self._stage))
+
+    def _fetch(self, owner: str) -> list[tuple]:
+        after = self._after.get(owner, (-1, -1))
+        if after == self._END:
+            return []
+        rows = self._db.execute(_LANE_HEAD, (self._stage, owner, *after, self._limit)).fetchall()
+        self._after[owner] = (rows[-1][6], rows[-1][0]) if len(rows) == self._limit else self._END
+        self._read[owner] = rows
+        return rows
+
+    def previous_turn(self) -> Optional[str]:
+        row = self._db.execute("SELECT owner FROM turns WHERE stage = ?", (self._stage,)).fetchone()
+        return None if row is None else row[0]
+
+    def claimed(self, row: _Row) -> ClaimedJob:
+        payload = row.payload
+        if payload is None:  # a large input: in its own table
+            found = self._db.execute("SELECT data FROM payloads WHERE id = ?", (row.id,)).fetchone()
+            payload = found[0] if found is not None else b""
+        return ClaimedJob(row.id, row.stage, payload, row.n_items, row.deadline)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -112,13 +198,20 @@ def _rollback(db: sqlite3.Connection) -> None:
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a state folder made by an earlier version up to this schema."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-    if "origin" not in columns:
-        try:
-            db.execute("ALTER TABLE jobs ADD COLUMN origin TEXT")
-        except sqlite3.OperationalError as exc:  # another process added it meanwhile
-            if "duplicate column" not in str(exc):
-                raise
+    added = {"jobs": (("origin", "TEXT"), ("owner", "TEXT NOT NULL DEFAULT ''")),
+             "webhooks": (("status", "TEXT NOT NULL DEFAULT 'pending'"), ("last_error", "TEXT"))}
+    for table, wanted in added.items():
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if not columns:
+            continue  # a new store: the schema creates the table whole
+        for name, definition in wanted:
+            if name not in columns:
+                try:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
+    db.execute("DROP INDEX IF EXISTS jobs_queue")  # one queue order (by lane) is kept now
 
 
 def _id_messages(ids: Sequence[str]) -> list[bytes]:
@@ -144,8 +237,8 @@ class SQLiteStore(Store):
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-            db.executescript(_SCHEMA)
             _add_missing_columns(db)
+            db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         db.execute("PRAGMA busy_timeout=0")
@@ -270,11 +363,11 @@ class SQLiteStore(Store):
         now = time.time()
         with self._write(wait=wait) as db:
             db.executemany(
-                "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, origin, created)"
-                " VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, origin, owner,"
+                " created) VALUES (?, 0, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (j.id, j.priority, _inline(j.payload), j.n_items, j.deadline, j.webhook,
-                     j.origin, now)
+                     j.origin, j.owner, now)
                     for j in jobs
                 ],
             )
@@ -288,26 +381,38 @@ class SQLiteStore(Store):
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            for job_id, status, result, reason, error_status in self._read(
-                f"SELECT id, status, result, reason, error_status FROM jobs WHERE id IN ({marks})", chunk
+            for job_id, status, result, reason, error_status, owner, hook, attempts, error in self._read(
+                "SELECT j.id, j.status, j.result, j.reason, j.error_status, j.owner, w.status, w.attempts,"
+                f" w.last_error FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id WHERE j.id IN ({marks})", chunk
             ):
-                views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500)
+                webhook = WebhookState(hook, int(attempts), error) if hook is not None else None
+                views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500, owner, webhook)
         return views
 
-    def cancel(self, ids: Sequence[str], reason: str, error_status: int) -> list[str]:
+    def cancel(
+        self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,
+        running: bool = False,
+    ) -> list[str]:
         now = time.time()
         cancelled: list[str] = []
+        live = "status IN ('queued', 'processing')" if running else "status = 'queued'"
         with self._write() as db:
             for job_id in ids:
-                row = db.execute(
-                    "SELECT stage, webhook FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)
-                ).fetchone()
+                row = db.execute(f"SELECT stage, webhook FROM jobs WHERE id = ? AND {live}", (job_id,)).fetchone()
                 if row is not None:
-                    self._fail_locked(db, job_id, row[0], reason, error_status, row[1], now)
+                    self._fail_locked(db, job_id, row[0], reason, error_status, row[1], now, status)
                     cancelled.append(job_id)
             if cancelled:
                 self._ring_after_commit(API_ROLE, _id_messages(cancelled))
         return cancelled
+
+    def unfinished_by_owner(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sql in ("SELECT owner, COUNT(*) FROM jobs WHERE status = 'queued' GROUP BY owner",
+                    "SELECT owner, COUNT(*) FROM jobs WHERE status = 'processing' GROUP BY owner"):
+            for owner, count in self._read(sql):
+                counts[owner] = counts.get(owner, 0) + int(count)
+        return counts
 
     def unfinished(self) -> int:
         # two counts, so each uses its partial index instead of scanning every result kept
@@ -327,40 +432,25 @@ class SQLiteStore(Store):
     # -- loop side ------------------------------------------------------------
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
-        claimed: list[ClaimedJob] = []
-        timed_out: list[str] = []
-        limit = max(1, max_items)
         with self._write() as db:
-            items = 0
-            while True:  # another round only when every row read was claimed or timed out
-                rows = db.execute(_QUEUE_HEAD, (stage, limit)).fetchall()
-                taken: list[int] = []
-                full = False
-                for seq, job_id, payload, n_items, deadline, webhook in rows:
-                    if deadline is not None and deadline < now:
-                        self._fail_locked(db, job_id, stage, TIMED_OUT_REASON, 504, webhook, now)
-                        timed_out.append(job_id)
-                        continue
-                    if claimed and items + n_items > max_items:
-                        full = True
-                        break
-                    if payload is None:  # a large input: in its own table
-                        row = db.execute("SELECT data FROM payloads WHERE id = ?", (job_id,)).fetchone()
-                        payload = row[0] if row is not None else b""
-                    claimed.append(ClaimedJob(job_id, stage, payload, n_items, deadline))
-                    taken.append(seq)
-                    items += n_items
-                if taken:
-                    marks = ",".join("?" * len(taken))
-                    db.execute(
-                        f"UPDATE jobs SET status = 'processing', worker = ?, lease_until = ? WHERE seq IN ({marks})",
-                        (worker_id, now + lease_seconds, *taken),
-                    )
-                if full or len(rows) < limit:
-                    break
-            if timed_out:
-                self._ring_after_commit(API_ROLE, _id_messages(timed_out))
-        return claimed
+            lanes = [row[0] for row in db.execute(_LANES, (stage, MAX_LANES)).fetchall()][:MAX_LANES]
+            picker = _LanePicker(db, stage, max(1, max_items), now)
+            taken = fair_share(lanes, picker.next_job, max_items)
+            if taken:
+                marks = ",".join("?" * len(taken))
+                db.execute(
+                    f"UPDATE jobs SET status = 'processing', worker = ?, lease_until = ? WHERE seq IN ({marks})",
+                    (worker_id, now + lease_seconds, *(job.seq for _, job in taken)),
+                )
+                last = taken[-1][0]
+                if last != picker.previous_turn():
+                    db.execute("INSERT INTO turns (stage, owner) VALUES (?, ?)"
+                               " ON CONFLICT(stage) DO UPDATE SET owner = excluded.owner", (stage, last))
+            for job_id, webhook in picker.timed_out:
+                self._fail_locked(db, job_id, stage, TIMED_OUT_REASON, 504, webhook, now)
+            if picker.timed_out:
+                self._ring_after_commit(API_ROLE, _id_messages([job_id for job_id, _ in picker.timed_out]))
+            return [picker.claimed(job) for _, job in taken]
 
     def _fail_locked(
         self,
@@ -371,20 +461,22 @@ class SQLiteStore(Store):
         error_status: int,
         webhook: Optional[str],
         now: float,
+        status: JobStatus = JobStatus.FAILED,
     ) -> None:
         db.execute(
-            "UPDATE jobs SET status = 'failed', reason = ?, error_status = ?, payload = NULL, worker = NULL,"
+            "UPDATE jobs SET status = ?, reason = ?, error_status = ?, payload = NULL, worker = NULL,"
             " finished = ? WHERE id = ? AND stage = ?",
-            (reason, error_status, now, job_id, stage),
+            (status.value, reason, error_status, now, job_id, stage),
         )
         db.execute("DELETE FROM payloads WHERE id = ?", (job_id,))
         if webhook:
-            self._queue_webhook(db, job_id, webhook, result_document(job_id, JobStatus.FAILED, None, reason), now)
+            self._queue_webhook(db, job_id, webhook, result_document(job_id, status, None, reason), now)
 
     @staticmethod
     def _queue_webhook(db: sqlite3.Connection, job_id: str, url: str, body: bytes, now: float) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO webhooks (job_id, url, body, attempts, next_at) VALUES (?, ?, ?, 0, ?)",
+            "INSERT OR REPLACE INTO webhooks (job_id, url, body, attempts, next_at, status) VALUES (?, ?, ?, 0, ?,"
+            " 'pending')",
             (job_id, url, body, now),
         )
 
@@ -500,6 +592,8 @@ class SQLiteStore(Store):
                 db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
                 self._requeue_locked(db, "worker = ?", (worker_id,))
             self._requeue_locked(db, "lease_until < ?", (now,))
+            db.execute("DELETE FROM webhooks WHERE status != 'pending' AND job_id IN"
+                       " (SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?)", (now - result_ttl,))
             db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - result_ttl,))
 
     # -- webhook outbox -------------------------------------------------------
@@ -508,7 +602,7 @@ class SQLiteStore(Store):
         with self._write() as db:
             rows = db.execute(
                 "SELECT job_id, url, body, attempts FROM webhooks"
-                " WHERE next_at <= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at LIMIT ?",
+                " WHERE status = 'pending' AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at LIMIT ?",
                 (now, now, limit),
             ).fetchall()
             db.executemany(
@@ -518,11 +612,18 @@ class SQLiteStore(Store):
 
     def webhook_delivered(self, job_id: str) -> None:
         with self._write() as db:
-            db.execute("DELETE FROM webhooks WHERE job_id = ?", (job_id,))
+            db.execute("UPDATE webhooks SET status = 'delivered', attempts = attempts + 1, lease_until = NULL,"
+                       " last_error = NULL, body = X'' WHERE job_id = ?", (job_id,))
 
-    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
+    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
         with self._write() as db:
             db.execute(
-                "UPDATE webhooks SET attempts = attempts + 1, next_at = ?, lease_until = NULL WHERE job_id = ?",
-                (next_attempt_at, job_id),
+                "UPDATE webhooks SET attempts = attempts + 1, next_at = ?, lease_until = NULL, last_error = ?"
+                " WHERE job_id = ? AND status = 'pending'",
+                (next_attempt_at, error or None, job_id),
             )
+
+    def webhook_failed(self, job_id: str, error: str) -> None:
+        with self._write() as db:
+            db.execute("UPDATE webhooks SET status = 'failed', attempts = attempts + 1, lease_until = NULL,"
+                       " last_error = ?, body = X'' WHERE job_id = ?", (error, job_id))

@@ -326,7 +326,7 @@ def test_redis_outage_is_a_clear_503_and_everything_recovers(tmp_path):
 
 
 def test_workers_for_single_stages_of_a_chain(redis_url):
-    env = {"FASTDEPLOY_BROKER": redis_url}
+    env = {"FASTDEPLOY_BROKER": redis_url, "FASTDEPLOY_STORE_SECRET": "0123456789abcdef" * 4}
     chain = TEST_RECIPES / "chain"
     with ExitStack() as stack:
         for stage in (0, 1):

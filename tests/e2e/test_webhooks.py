@@ -13,6 +13,8 @@ def test_webhook_gets_the_result_once():
         unique_id = server.post("/async", {"data": [1, "x"], "webhook": receiver.url + "/ok"}).json()["unique_id"]
         (body,) = receiver.wait_for("/ok", 1)
         assert body == {"unique_id": unique_id, "status": "done", "success": True, "prediction": [1, "x"]}
+        (delivery,) = receiver.delivered("/ok")
+        assert not {"webhook-id", "webhook-timestamp", "webhook-signature"} & {h.lower() for h in delivery.headers}
         time.sleep(1.0)
         assert len(receiver.received("/ok")) == 1
 

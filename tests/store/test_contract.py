@@ -12,7 +12,7 @@ from typing import Optional
 
 import orjson
 
-from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, Store
 
 FAR = 1e9  # a worker timeout or TTL that never triggers
@@ -324,14 +324,31 @@ def test_webhook_outbox_claim_lease_retry_delivered(store):
     assert store.claim_webhooks(10, 30) == []  # leased to the first sender
     (again,) = _wait_for_webhook(store, 30)  # the lease ran out: due again
     assert again.job_id == "a" and again.attempts == 0
-    store.webhook_retry("a", time.time() + 100)
+    assert store.get(["a"])["a"].webhook == WebhookState("pending", 0, None)
+    assert store.get(["b"])["b"].webhook is None  # no webhook, no state
+    store.webhook_retry("a", time.time() + 100, "HTTP 500")
     assert store.claim_webhooks(10, 30) == []  # not due yet
-    store.webhook_retry("a", time.time() - 1)
+    assert store.get(["a"])["a"].webhook == WebhookState("pending", 1, "HTTP 500")
+    store.webhook_retry("a", time.time() - 1, "ConnectError: refused")
     (retried,) = store.claim_webhooks(10, 30)
     assert retried.attempts == 2
     store.webhook_delivered("a")
-    store.webhook_retry("a", time.time() - 1)  # a late retry after delivery resurrects nothing
+    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 3, None)
+    store.webhook_retry("a", time.time() - 1, "late")  # a late retry after delivery resurrects nothing
     assert store.claim_webhooks(10, 0.01) == []
+    time.sleep(0.05)
+    assert store.claim_webhooks(10, 30) == []
+    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 3, None)
+
+
+def test_a_webhook_given_up_shows_failed_with_its_last_error(store):
+    store.submit([job("a", webhook="http://127.0.0.1:1/hook")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("a")], "w1")
+    (delivery,) = store.claim_webhooks(10, 30)
+    store.webhook_failed("a", "refused: resolves to link-local address 169.254.169.254")
+    assert store.get(["a"])["a"].webhook == WebhookState(
+        "failed", 1, "refused: resolves to link-local address 169.254.169.254")
     time.sleep(0.05)
     assert store.claim_webhooks(10, 30) == []
 
@@ -457,3 +474,47 @@ def test_cancel_fails_only_queued_jobs(store):
     assert views["c"].error_status == 499
     assert store.claim(0, 10, "w2", 30.0) == []
     assert store.unfinished() == 1
+
+
+# -- fair share: lanes (owners) take turns ----------------------------------------------------
+def owned(job_id: str, owner: str, priority: int = 9, n_items: int = 1) -> NewJob:
+    return NewJob(job_id, b"payload-" + job_id.encode(), n_items, priority, None, None, None, owner)
+
+
+def test_a_crowded_lane_does_not_hold_back_another_owners_next_job(store):
+    store.submit([owned(f"a{i}", "key-a", priority=0) for i in range(200)])
+    store.submit([owned("b0", "key-b", priority=9)])  # a later, lower priority job of another owner
+    assert "b0" in ids(store.claim(0, 8, "w1", 30))  # within one batch, not after 200 jobs
+
+
+def test_lanes_take_turns_job_by_job_and_claim_after_claim(store):
+    store.submit([owned(f"{o}{i}", f"key-{o}") for o in "abc" for i in range(4)])
+    assert sorted(ids(store.claim(0, 3, "w1", 30))) == ["a0", "b0", "c0"]
+    assert sorted(ids(store.claim(0, 3, "w1", 30))) == ["a1", "b1", "c1"]
+    # one job per claim: the turn moves on from the lane the last claim ended with
+    singles = [ids(store.claim(0, 1, "w1", 30))[0][0] for _ in range(6)]
+    assert sorted(singles) == ["a", "a", "b", "b", "c", "c"]
+    assert all(x != y for x, y in zip(singles, singles[1:])), singles  # never the same lane twice in a row
+
+
+def test_within_a_lane_the_owners_priorities_keep_their_order(store):
+    store.submit([owned("late-urgent", "key-a", priority=0)])
+    store.submit([owned("early", "key-a", priority=9), owned("mid", "key-a", priority=5)])
+    store.submit([owned("b-first", "key-b", priority=9)])
+    order = [ids(store.claim(0, 1, "w1", 30))[0] for _ in range(4)]
+    assert [i for i in order if i != "b-first"] == ["late-urgent", "mid", "early"]
+
+
+def test_an_owners_job_is_read_back_with_its_owner(store):
+    store.submit([owned("x", "key-x")])
+    assert store.get(["x"])["x"].owner == "key-x"
+
+
+def test_requeued_and_next_stage_jobs_stay_in_their_owners_lane(store):
+    store.submit([owned("a", "key-a"), owned("b", "key-b")])
+    store.claim(0, 8, "w1", 30)
+    store.release_worker("w1")  # both back in the queue, each in its lane
+    assert sorted(ids(store.claim(0, 8, "w2", 30))) == ["a", "b"]
+    store.finish([Outcome("a", 0, payload=b"next", n_items=1)], "w2")
+    (moved,) = store.claim(1, 8, "w3", 30)
+    assert moved.id == "a" and store.queue_depths(2) == [0, 0] and store.unfinished() == 2

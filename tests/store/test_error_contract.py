@@ -200,7 +200,7 @@ def test_redis_error_replies_are_store_unavailable_not_response_error(redis_url,
     store = RedisStore(redis_url)
     raw = redis_lib.Redis.from_url(redis_url.split("?")[0])
     keys = store.keys
-    broken = [*keys.script_keys(), keys.job("a"), keys.job("b"), keys.queue(0), keys.queue(1), keys.held("w"),
+    broken = [*keys.script_keys(), keys.job("a"), keys.job("b"), keys.lanes(0), keys.lanes(1), keys.held("w"),
               keys.hook("a")]
 
     def break_keys() -> None:  # again before each call: a failed MULTI may still have deleted some

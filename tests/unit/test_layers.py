@@ -44,7 +44,9 @@ ALLOWED = {
     "store.news": {"jobs"},
     "store.local_doorbell": {"jobs", "store.doorbell", "store.news"},
     "store.redis_doorbell": {"jobs", "store.doorbell", "store.news", "store.redis"},
-    "store.sqlite": {"bodies", "errors", "jobs", "store.base", "store.local_doorbell", "store.news"},
+    "store.fairness": set(),
+    "tasks": set(),
+    "store.sqlite": {"bodies", "errors", "jobs", "store.base", "store.fairness", "store.local_doorbell", "store.news"},
     "store.redis": {"bodies", "errors", "jobs", "store.base"},
 }
 

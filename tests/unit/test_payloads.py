@@ -40,9 +40,10 @@ def test_webhook_host_allow_list():
 
 
 def test_payload_round_trips():
-    assert decode_payload(encode_inputs([1, "a"], None)) == ([1, "a"], None)
-    assert decode_payload(encode_inputs([["a.png", b"\x00\x01"]], ["a.png"])) == ([["a.png", b"\x00\x01"]], ["a.png"])
-    assert decode_payload(encode_stage_outputs([(1, {2})], None)) == ([(1, {2})], None)
+    assert decode_payload(encode_inputs([1, "a"], None), "", 0) == ([1, "a"], None)
+    assert decode_payload(encode_inputs([["a.png", b"\x00\x01"]], ["a.png"]), "", 0) == ([["a.png", b"\x00\x01"]], ["a.png"])
+    secret = "k" * 32
+    assert decode_payload(encode_stage_outputs([(1, {2})], None, secret), secret, 1) == ([(1, {2})], None)
 
 
 def test_prediction_encoding():

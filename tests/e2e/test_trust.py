@@ -1,0 +1,195 @@
+"""Trust, through the real CLI: API keys, a job seen only by its key, fair share between
+clients, a per-key queue bound, cancellation; on both stores where the store is involved."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import pytest
+import requests
+
+from tests.helpers import RECIPES, TEST_RECIPES, serve
+from tests.webhook_receiver import Receiver
+
+SLOW = TEST_RECIPES / "slow"
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
+def store_args(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Extra command-line arguments that pick the store: none (embedded SQLite) or a fresh Redis prefix."""
+    if request.param == "embedded":
+        yield []
+    else:
+        yield ["--broker", request.getfixturevalue("redis_url")]
+
+
+# -- API keys -----------------------------------------------------------------------------
+def test_without_a_key_only_health_and_ready_answer():
+    with serve(RECIPES / "echo", args=["--api-keys", "k1,k2"]) as server:
+        assert server.get("/health").status_code == 200 and server.get("/ready").status_code == 200
+        for path, body in (("/sync", {"data": [1]}), ("/async", {"data": [1]}), ("/result", {"unique_id": "x"}),
+                           ("/cancel", {"unique_id": "x"})):
+            response = server.post(path, body)
+            assert response.status_code == 401, path
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert response.json()["success"] is False and "API key" in response.json()["reason"]
+        for path in ("/meta", "/metrics", "/openapi.json"):
+            assert server.get(path).status_code == 401, path
+        wrong = server.post("/sync", {"data": [1]}, headers=bearer("k3"))
+        assert wrong.status_code == 401 and "not valid" in wrong.json()["reason"]
+        assert "k3" not in server.log() and "k1" not in server.log()  # keys are never logged
+        assert server.post("/sync", {"data": [1]}, headers=bearer("k1")).json()["prediction"] == [1]
+        assert server.post("/sync", {"data": [2]}, headers={"X-API-Key": "k2"}).json()["prediction"] == [2]
+
+
+def test_metrics_can_be_left_open_for_scrapers():
+    with serve(RECIPES / "echo", args=["--api-keys", "k1", "--metrics-open"]) as server:
+        assert server.get("/metrics").status_code == 200
+        assert server.get("/meta").status_code == 401
+
+
+def test_a_job_is_seen_and_cancelled_only_with_the_key_that_submitted_it(store_args):
+    with serve(RECIPES / "echo", args=["--api-keys", "k1,k2", *store_args]) as server:
+        unique_id = server.post("/async", {"data": [7]}, headers=bearer("k1")).json()["unique_id"]
+        deadline = time.monotonic() + 30
+        while server.post("/result", {"unique_id": unique_id}, headers=bearer("k1")).json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        other = server.post("/result", {"unique_id": unique_id}, headers=bearer("k2"))
+        unknown = server.post("/result", {"unique_id": "0" * 32}, headers=bearer("k2"))
+        assert other.status_code == unknown.status_code == 404
+        assert other.text.replace(unique_id, "0" * 32) == unknown.text  # exactly as an unknown id
+        assert server.post("/cancel", {"unique_id": unique_id}, headers=bearer("k2")).status_code == 404
+
+
+def test_the_keys_file_is_reread_on_sighup_without_dropping_requests(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team a\nold-key\n")
+    with serve(RECIPES / "echo", args=["--api-keys-file", str(keys)]) as server:
+        assert server.post("/sync", {"data": [1]}, headers=bearer("old-key")).status_code == 200
+        assert server.post("/sync", {"data": [1]}, headers=bearer("new-key")).status_code == 401
+        failures: list[int] = []
+        stop = threading.Event()
+
+        def steady() -> None:  # a client that keeps sending while the file changes and the servers reload
+            with requests.Session() as session:
+                while not stop.is_set():
+                    ok = session.get(server.url + "/health", timeout=10)
+                    if ok.status_code != 200:
+                        failures.append(ok.status_code)
+
+        thread = threading.Thread(target=steady)
+        thread.start()
+        keys.write_text("new-key  # rotated\n")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while server.post("/sync", {"data": [1]}, headers=bearer("new-key")).status_code != 200:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        stop.set()
+        thread.join()
+        assert server.post("/sync", {"data": [1]}, headers=bearer("old-key")).status_code == 401
+        assert failures == [] and server.proc.poll() is None
+
+
+def test_a_bad_keys_file_stops_the_start_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fastdeploy", "run", str(RECIPES / "echo"), "--api-keys-file",
+                          str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--api-keys-file" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- fair share and per-key bounds ----------------------------------------------------------
+def test_a_crowding_key_does_not_delay_another_keys_next_job(store_args):
+    env = {"FD_TEST_SLEEP": "0.02", "BATCH_SIZE": "4"}
+    with serve(SLOW, args=["--api-keys", "crowd,lone", *store_args], env=env) as server:
+        with ThreadPoolExecutor(8) as pool:  # 400 jobs at the first priority: 100 batches, 2 s of work
+            ids = list(pool.map(
+                lambda i: server.post("/async", {"data": [i], "priority": 0}, headers=bearer("crowd")).json()["unique_id"],
+                range(400)))
+        started = time.monotonic()
+        answer = server.post("/sync", {"data": ["mine"], "priority": 9}, headers=bearer("lone"))
+        waited = time.monotonic() - started
+        assert answer.status_code == 200 and answer.json()["prediction"][0]["echo"] == "mine"
+        statuses = [server.post("/result", {"unique_id": i}, headers=bearer("crowd")).json()["status"] for i in ids]
+        assert statuses.count("done") < 300, "the lone key's job waited behind the crowd"
+        assert waited < 1.0, waited  # about one batch (20 ms), not 100 batches
+
+
+def test_more_unfinished_jobs_than_the_per_key_bound_get_429_and_other_keys_go_on():
+    env = {"FD_TEST_SLEEP": "0.5", "BATCH_SIZE": "1"}
+    args = ["--api-keys", "a,b", "--queue-limit-per-key", "5"]
+    with serve(SLOW, args=args, env=env) as server:
+        codes = [server.post("/async", {"data": [i]}, headers=bearer("a")).status_code for i in range(8)]
+        assert codes[:5] == [200] * 5 and codes[5:] == [429] * 3
+        refused = server.post("/async", {"data": [9]}, headers=bearer("a"))
+        assert "Retry-After" in refused.headers and "QUEUE_LIMIT_PER_KEY" in refused.json()["reason"]
+        assert server.post("/async", {"data": [1]}, headers=bearer("b")).status_code == 200
+
+
+# -- cancellation -------------------------------------------------------------------------
+def _status(server, unique_id: str) -> str:
+    return server.post("/result", {"unique_id": unique_id}).json()["status"]
+
+
+def _wait_status(server, unique_id: str, want: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _status(server, unique_id) != want:
+        assert time.monotonic() < deadline, (unique_id, _status(server, unique_id))
+        time.sleep(0.02)
+
+
+def test_cancel_a_queued_a_running_and_a_finished_job(store_args, tmp_path):
+    log = tmp_path / "calls.jsonl"
+    env = {"FD_TEST_SLEEP": "1.0", "BATCH_SIZE": "1", "FD_TEST_LOG": str(log)}
+    with Receiver() as receiver, serve(SLOW, args=store_args, env=env) as server:
+        running = server.post("/async", {"data": ["running"]}).json()["unique_id"]
+        _wait_status(server, running, "processing")
+        queued = server.post("/async", {"data": ["queued"], "webhook": receiver.url + "/ok"}).json()["unique_id"]
+        assert _status(server, queued) == "queued"
+        answer = server.post("/cancel", {"unique_id": queued})
+        assert answer.status_code == 200 and answer.json() == {"success": True, "unique_id": queued,
+                                                                "status": "cancelled"}
+        result = server.post("/result", {"unique_id": queued}).json()
+        assert result["status"] == "cancelled" and result["success"] is False
+        (hook,) = receiver.wait_for("/ok", 1)
+        assert hook["unique_id"] == queued and hook["status"] == "cancelled"
+        assert server.post("/cancel", {"unique_id": running}).json()["status"] == "cancelled"
+        time.sleep(1.5)  # the prediction in progress ends; its outcome is discarded
+        assert _status(server, running) == "cancelled"
+        predicted = log.read_text()
+        assert "running" in predicted and '"queued"' not in predicted  # the queued one never ran
+        done = server.post("/sync", {"data": ["done"]}).json()["unique_id"]
+        conflict = server.post("/cancel", {"unique_id": done})
+        assert conflict.status_code == 409 and "already ended" in conflict.json()["reason"]
+        assert server.post("/cancel", {"unique_id": "0" * 32}).status_code == 404
+
+
+# -- webhook delivery state in /result ------------------------------------------------------
+def test_result_tells_how_the_webhook_delivery_stands(store_args):
+    env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "2", "FASTDEPLOY_WEBHOOK_BACKOFF": "0.1"}
+    with Receiver() as receiver, serve(RECIPES / "echo", args=store_args, env=env) as server:
+        ok = server.post("/async", {"data": [1], "webhook": receiver.url + "/ok"}).json()["unique_id"]
+        dead = server.post("/async", {"data": [2], "webhook": "http://127.0.0.1:9/refused"}).json()["unique_id"]
+        plain = server.post("/async", {"data": [3]}).json()["unique_id"]
+        receiver.wait_for("/ok", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            states = {i: server.post("/result", {"unique_id": i}).json().get("webhook") for i in (ok, dead, plain)}
+            if states[ok]["status"] == "delivered" and states[dead]["status"] == "failed":
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(0.1)
+        assert states[ok] == {"status": "delivered", "attempts": 1, "last_error": None}
+        assert states[dead]["attempts"] == 2 and states[dead]["last_error"]
+        assert states[plain] is None  # no webhook asked for, none reported
