@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any, Optional, Sequence
 
-from fastdeploy import __version__
+from fastdeploy import __version__, legacy_cli
 from fastdeploy.errors import FastDeployError
 from fastdeploy.settings import OPTIONS, Settings, load_settings
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(loop)
     loop.add_argument("--stage", type=int, required=True)
     loop.add_argument("--worker-id", required=True)
+    loop.add_argument("--report-fd", type=int, help="pipe to the supervisor: why the predictor could not start")
     return parser
 
 
@@ -66,14 +67,24 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if legacy_cli.is_legacy(argv):  # `fastdeploy --recipe DIR --rest` (3.x): say the new command, then run it
+        try:
+            argv, note = legacy_cli.translate(argv)
+        except FastDeployError as exc:
+            print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
+            return 2
+        print(f"fastdeploy: {note}", file=sys.stderr)
     args = build_parser().parse_args(argv)
     flags = {o.name: getattr(args, o.name) for o in OPTIONS}
     try:
         settings = load_settings(args.recipe, flags)
         _configure_logging(settings.log_level)
-        if args.store_secret is not None and not args.command.startswith("_"):
-            log.warning("--store-secret on a command line is visible to other users of this host (ps); "
-                        "prefer FASTDEPLOY_STORE_SECRET")
+        if not args.command.startswith("_"):
+            for name in ("store_secret", "api_keys", "webhook_secret"):
+                if getattr(args, name) is not None:
+                    log.warning("--%s on a command line is visible to other users of this host (ps); prefer "
+                                "FASTDEPLOY_%s", name.replace("_", "-"), name.upper())
         return _dispatch(args, settings)
     except FastDeployError as exc:
         print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
@@ -89,7 +100,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "_api":
         return _run_api(settings, recipe, args.fd, args.metrics_dir)
     if args.command == "_loop":
-        return _run_loop(settings, recipe, args.stage, args.worker_id)
+        return _run_loop(settings, recipe, args.stage, args.worker_id, args.report_fd)
     from fastdeploy.supervisor import Supervisor
 
     if args.command in ("run", "serve"):
@@ -121,11 +132,15 @@ def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str
     import uvicorn
 
     from fastdeploy.http.app import create_app
+    from fastdeploy.http.connections import Limits, protocol_class, raise_open_file_limit
 
+    raise_open_file_limit(settings.max_connections)  # every connection holds a descriptor
     config = uvicorn.Config(
         create_app(settings, recipe, metrics_dir),
         loop="auto",
-        http="auto",
+        # uvicorn's parser with a deadline for request heads and a cap on connections
+        http=protocol_class(Limits(settings.header_timeout, settings.max_connections)),
+        timeout_keep_alive=settings.keep_alive,  # type: ignore[arg-type]  # seconds; a float works (call_later)
         lifespan="on",
         access_log=False,
         log_level=settings.log_level,
@@ -139,15 +154,36 @@ def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str
     return 0
 
 
-def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str) -> int:
+def _run_loop(settings: Settings, recipe: Any, stage: int, worker_id: str, report_fd: Optional[int]) -> int:
+    """One prediction loop. A predictor that cannot start exits STARTUP_FAILED_EXIT with its reason
+    told to the supervisor (``report_fd``), which stops the service instead of restarting it forever."""
     from fastdeploy.loop import PredictionLoop
+    from fastdeploy.recipe import StartupFailed
     from fastdeploy.store import open_backend
+    from fastdeploy.supervisor import STARTUP_FAILED_EXIT
 
+    if report_fd is not None:
+        os.set_inheritable(report_fd, False)  # the predictor's own subprocesses must not hold it open
     backend = open_backend(settings.broker, settings.state_path, settings.spin_seconds)
     loop = PredictionLoop(settings, recipe, stage, worker_id, backend.store, backend.doorbell)
     loop.install_signal_handlers()
     try:
         loop.run()
+    except StartupFailed as exc:
+        log.debug("the predictor's traceback (LOG_LEVEL=debug)", exc_info=exc.__cause__)
+        _report(report_fd, exc.reason)
+        return STARTUP_FAILED_EXIT
     finally:
         backend.close()
     return 0
+
+
+def _report(fd: Optional[int], reason: str) -> None:
+    """Tell the supervisor why this loop stops (it prints it once); without one, print it here."""
+    if fd is not None:
+        try:
+            os.write(fd, reason.encode(errors="replace")[:8192])
+            return
+        except OSError as exc:
+            log.debug("could not report to the supervisor: %s", exc)
+    print(f"fastdeploy: error: {reason}", file=sys.stderr)

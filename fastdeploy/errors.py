@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class FastDeployError(Exception):
@@ -47,6 +47,18 @@ class NotFound(FastDeployError):
 
 class Conflict(FastDeployError):
     status = 409
+
+
+class JobExists(Conflict):
+    """A client-chosen unique_id names a job the store still holds (queued, running, or its result kept)."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        shown = ", ".join(repr(i) for i in list(ids)[:3]) or "(none named)"
+        super().__init__(
+            f"unique_id {shown} is already in use (a job with that id is queued, running, or its result is kept "
+            "until RESULT_TTL); send another id, or read that job with POST /result"
+        )
+        self.ids = tuple(ids)
 
 
 class PayloadTooLarge(FastDeployError):

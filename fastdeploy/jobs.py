@@ -131,6 +131,11 @@ class WorkerInfo:
     stats: dict[str, Any]
 
 
+# The stats key of the record a supervisor writes for a stage whose loops keep failing to start
+# (never ready): why. API servers then answer 503 with it at once instead of waiting for TIMEOUT.
+STARTUP_FAILURE = "startup_failure"
+
+
 def encode_inputs(inputs: list[Any], keys: Optional[list[str]] = None) -> bytes:
     """Stage-0 payload: the request's inputs (file bytes for FILE recipes) and file keys."""
     return msgpack.packb({"i": inputs, "k": keys}, use_bin_type=True)

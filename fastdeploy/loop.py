@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -34,7 +35,7 @@ from fastdeploy.jobs import (
     encode_stage_outputs,
 )
 from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests
-from fastdeploy.recipe import Recipe, load_predictor
+from fastdeploy.recipe import Recipe, load_predictor, run_user_code
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
@@ -127,6 +128,7 @@ class PredictionLoop:
         self._is_last = stage == recipe.stages - 1
         self._file_stage = recipe.is_file and stage == 0
         self._scratch: Optional[Scratch] = None
+        self._heartbeat_failure = ""  # why the last heartbeat failed ("" when it did not)
 
     # -- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
@@ -164,10 +166,19 @@ class PredictionLoop:
                 log.warning("could not release this loop's jobs: %s", exc.reason)
 
     def _load(self) -> None:
+        """Import the predictor and warm it up; an error of the recipe's own code raises
+        StartupFailed with its one-line reason (the supervisor stops the service at start-up)."""
         loops_here = max(1, self.settings.replicas * self.recipe.stages)
         threads = apply_thread_limit(self.settings.threads or max(1, (os.cpu_count() or 1) // loops_here))
-        self._predictor = load_predictor(self.recipe, self.stage)
+        name = f"the predictor of stage {self.stage} ({self.recipe.stage_files[self.stage].name})"
+        self._predictor = run_user_code(
+            self.recipe.path, f"{name} could not be imported", lambda: load_predictor(self.recipe, self.stage)
+        )
         _limit_torch_threads(threads)
+        run_user_code(self.recipe.path, f"{name} failed on example.py at start-up", self._warm_up)
+
+    def _warm_up(self) -> None:
+        """Call the predictor on the example, then measure the batch size."""
         example = self._example_inputs()
         self._call(example[: max(1, min(len(example), self.batch_size))])  # warm-up
         if self.settings.batch_size:
@@ -217,10 +228,17 @@ class PredictionLoop:
         )
 
     def _send_heartbeat(self) -> None:
+        """Report this loop; a failure is said once (and its end), not at every beat of an outage."""
         try:
             self.store.heartbeat(self._info(), self.settings.lease_seconds)
         except FastDeployError as exc:
-            log.warning("heartbeat failed (will retry): %s", exc.reason)
+            if exc.reason != self._heartbeat_failure:
+                log.warning("heartbeat failed (retrying at every beat): %s", exc.reason)
+            self._heartbeat_failure = exc.reason
+            return
+        if self._heartbeat_failure:
+            log.info("heartbeat recorded again")
+            self._heartbeat_failure = ""
 
     def _heartbeat_forever(self) -> None:
         """The heartbeat thread: it must outlive any failure, or the loop's jobs are requeued under it."""
@@ -319,7 +337,9 @@ class PredictionLoop:
         """A job's inputs for the predictor (its files written to scratch), its file keys, and
         why it cannot be predicted (a corrupt payload fails its own job only)."""
         try:
-            inputs, keys = decode_payload(job.payload, store_secret_for(self.settings), self.stage)
+            # only a later stage checks a signature: a one-stage service never needs (nor writes) the secret file
+            secret = store_secret_for(self.settings) if self.stage else ""
+            inputs, keys = decode_payload(job.payload, secret, self.stage)
             if self._file_stage:
                 folder, paths = self._scratch_folder().write(inputs)
                 written.append((folder, paths))
@@ -329,6 +349,13 @@ class PredictionLoop:
             return [], None, f"could not prepare the inputs: {exc}"
         except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
             return [], None, f"could not prepare the inputs: {describe(exc)}"
+
+    def _without_paths(self, reason: str) -> str:
+        """A failure reason as the client may see it: the server's scratch folder left out (a
+        predictor's error often names the file it was given: the client knows it by its name)."""
+        if self._scratch is not None:
+            reason = re.sub(re.escape(str(self._scratch.root)) + r"/\d+/", "", reason)
+        return re.sub(r"(?<![\w.:/])/(?:[\w.-]+/)+", "", reason) if "/" in reason else reason
 
     def _log_failure(self, job: ClaimedJob, position: int, exc: BaseException) -> None:
         log.info("job %s failed on input %d: %s", job.id, position, describe(exc),
@@ -363,14 +390,14 @@ class PredictionLoop:
                     return
                 log.warning("cannot record %d outcome(s) (retrying): %s", len(outcomes), exc.reason)
             self._stop.wait(delay)
-            delay = min(2 * delay, 5.0)
+            delay = min(2 * delay, 2.0)  # once the store is back (space freed), outcomes follow within 2 s
 
     def _outcome(
         self, job: ClaimedJob, result: RequestResult, keys: Optional[list[str]], failure: Optional[str]
     ) -> Outcome:
         failure = failure or result.failure
         if failure is not None or result.outputs is None:
-            return Outcome(job.id, self.stage, reason=failure or "the prediction failed")
+            return Outcome(job.id, self.stage, reason=self._without_paths(failure or "the prediction failed"))
         outputs = result.outputs
         try:
             if self._is_last:

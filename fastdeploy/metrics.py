@@ -9,7 +9,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from fastdeploy.jobs import WorkerInfo
+from fastdeploy.jobs import STARTUP_FAILURE, WorkerInfo
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -44,6 +44,8 @@ class _StoreCollector(Collector):
         per_stage: dict[int, tuple[list[int], int, int]] = {}
         ready: dict[int, int] = {stage: 0 for stage in range(len(depths))}
         for worker in workers:
+            if worker.stats.get(STARTUP_FAILURE):
+                continue  # a supervisor's note that this stage's loops fail to start, not a loop
             ready[worker.stage] = ready.get(worker.stage, 0) + int(worker.ready)
             size.add_metric([str(worker.stage), worker.worker_id], worker.batch_size)
             items.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("items", 0))

@@ -8,7 +8,8 @@ import re
 import socket
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from itertools import chain, compress
+from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlsplit
 
 import orjson
@@ -18,6 +19,11 @@ from fastdeploy.errors import BadRequest, PayloadTooLarge
 
 DEFAULT_SYNC_PRIORITY = 8
 DEFAULT_ASYNC_PRIORITY = 9
+# arrays and objects nested deeper than this are refused (400): deep values fail later in the
+# encoders (orjson writes at most 254 levels, msgpack 511), as a 500 or a failed job
+MAX_JSON_DEPTH = 64
+MAX_FILE_NAME_BYTES = 255  # the longest file name ext4, XFS, Btrfs and APFS store
+_CONTAINERS = frozenset((dict, list))
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class ParsedRequest:
     keys: Optional[list[str]]
     priority: int
     webhook: Optional[str]
+    unique_id: Optional[str] = None  # the client's own job id; None: the server makes one
 
 
 def parse_json_body(body: bytes) -> dict[str, Any]:
@@ -39,16 +46,54 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise BadRequest(f'the request body must be a JSON object like {{"data": [...]}}, not a {type(value).__name__}')
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+                         f"at most {MAX_JSON_DEPTH} are allowed: flatten the inputs")
     return value
 
 
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects (lists and dicts) in a decoded value nest more than ``limit`` levels.
+
+    Walked a level at a time, without recursion (a deep value must not exhaust the stack here),
+    with the work per member done in C (``map``, ``chain``, ``compress``): a flat list of a
+    million numbers costs about a third of parsing it, many small arrays at most about twice."""
+    level = [value] if type(value) in _CONTAINERS else []
+    for _ in range(limit):
+        if not level or _CONTAINERS.isdisjoint(map(type, _members(level))):
+            return False
+        members = list(_members(level))
+        level = list(compress(members, map(_CONTAINERS.__contains__, map(type, members))))
+    return bool(level)
+
+
+def _members(level: list[Any]) -> Iterator[Any]:
+    """Every member of a level's lists and every value of its dicts."""
+    kinds = set(map(type, level))
+    if dict not in kinds:
+        return chain.from_iterable(level)
+    if len(kinds) == 1:
+        return chain.from_iterable(map(dict.values, level))
+    return chain.from_iterable(c.values() if type(c) is dict else c for c in level)
+
+
+def _shown(name: str, most: int = 60) -> str:
+    """A client's name, shortened for a reason: what it starts with is enough to find it."""
+    return repr(name) if len(name) <= most else repr(name[:most]) + f"... ({len(name)} characters)"
+
+
 def safe_file_name(key: str) -> str:
-    """The base name a file is stored under: path parts (/ and \\) stripped."""
+    """The base name a file is stored under: path parts (/ and \\) stripped; refused (400) when no
+    file system could store it, so the client hears it at submit, not as a failed job."""
     base = key.replace("\\", "/").rsplit("/", 1)[-1]
     if base in ("", ".", ".."):
-        raise BadRequest(f"file name {key!r} has no usable base name; send names like 'photo.png'")
+        raise BadRequest(f"file name {_shown(key)} has no usable base name; send names like 'photo.png'")
     if "\x00" in base:
-        raise BadRequest(f"file name {key!r} contains a NUL character")
+        raise BadRequest(f"file name {_shown(key)} contains a NUL character")
+    size = len(base.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_NAME_BYTES:
+        raise BadRequest(f"file name {_shown(base)} is {size} bytes long (UTF-8); file names may have at most "
+                         f"{MAX_FILE_NAME_BYTES} bytes: shorten it")
     return base
 
 
@@ -70,12 +115,34 @@ def _decode_files(data: dict[str, Any]) -> tuple[list[Any], list[str]]:
     return inputs, list(data)
 
 
+MAX_UNIQUE_ID = 128
+_UNIQUE_ID = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def check_unique_id(value: Any) -> Optional[str]:
+    """A client-chosen job id, or None when none was sent. Only characters that are safe in
+    store keys, log lines and URLs, and a bounded length: the id is stored and echoed back."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_UNIQUE_ID or not _UNIQUE_ID.fullmatch(value):
+        shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
+        raise BadRequest(
+            f"unique_id must be a string of 1 to {MAX_UNIQUE_ID} letters, digits and . _ : - (got {shown}); "
+            "leave it out and the server makes one"
+        )
+    return value
+
+
 def _priority(body: dict[str, Any], default: int) -> int:
+    """The job's priority: null means the default; a whole float like 6.0 is the integer 6 (JSON
+    Schema counts it an integer too); 6.5, booleans and strings are refused."""
     value = body.get("priority", default)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9:
-        raise BadRequest(f"priority must be an integer from 0 (first) to 9 (last), got {value!r}")
+        raise BadRequest(f"priority must be a whole number from 0 (first) to 9 (last), got {value!r}")
     return value
 
 
@@ -250,10 +317,11 @@ def parse_request(
             raise BadRequest("webhook is for /async requests; /sync answers with the prediction itself")
         webhook = validate_webhook(webhook, allowed_webhook_hosts, deny_private_webhooks)
     priority = _priority(document, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
+    unique_id = check_unique_id(document.get("unique_id"))
     if file_mode:
         inputs, keys = _decode_files(data)
-        return ParsedRequest(inputs, keys, priority, webhook)
-    return ParsedRequest(data, None, priority, webhook)
+        return ParsedRequest(inputs, keys, priority, webhook, unique_id)
+    return ParsedRequest(data, None, priority, webhook, unique_id)
 
 
 def parse_unique_id(body: bytes) -> str:

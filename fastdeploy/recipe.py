@@ -6,11 +6,14 @@ import importlib.util
 import re
 import runpy
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, TypeVar
 
-from fastdeploy.errors import RecipeError
+from fastdeploy.errors import FastDeployError, RecipeError
+
+T = TypeVar("T")
 
 INPUT_TYPES = ("json", "file")
 _CHAIN_FILE = re.compile(r"^predictor_(\d+)\.py$")
@@ -65,10 +68,7 @@ def load_recipe(folder: str | Path) -> Recipe:
     example_file = path / "example.py"
     if not example_file.exists():
         raise RecipeError(f"{path}: example.py is missing; it must define example = [a few real inputs]")
-    try:
-        namespace = runpy.run_path(str(example_file))
-    except Exception as exc:  # user code: report, don't crash with a trace
-        raise RecipeError(f"{example_file}: failed to run: {type(exc).__name__}: {exc}") from exc
+    namespace = run_user_code(path, f"{example_file}: failed to run", lambda: runpy.run_path(str(example_file)))
     example = namespace.get("example")
     if not isinstance(example, (list, tuple)) or not example:
         raise RecipeError(f"{example_file}: must define example = [...] as a non-empty list of inputs")
@@ -102,3 +102,49 @@ def load_predictor(recipe: Recipe, stage: int) -> Callable[..., Any]:
     if not callable(predictor):
         raise RecipeError(f"{file}: must define a function predictor(inputs, batch_size=1)")
     return predictor
+
+
+class StartupFailed(RecipeError):
+    """The recipe's own code failed (example.py, or a predictor's import or warm-up): a restart would too."""
+
+
+def run_user_code(folder: Path, what: str, call: Callable[[], T]) -> T:
+    """Run the recipe's own code; whatever it raises becomes one line (``what``: its error, file and line),
+    so the operator reads the predictor's error, not a page of fastDeploy's frames."""
+    try:
+        return call()
+    except Exception as exc:  # the recipe's code may raise anything: told in one line, never a trace
+        raise StartupFailed(f"{what}: {describe_user_error(exc, folder)}") from exc
+
+
+def describe_user_error(exc: BaseException, folder: Path) -> str:
+    """``Type: message (file, line N)``, the place being the innermost one in the recipe's own files."""
+    if isinstance(exc, FastDeployError):
+        return exc.reason  # ours already says what to fix
+    if type(exc).__module__.startswith("fastdeploy."):
+        return str(exc)  # fastDeploy's verdict on what the predictor did (e.g. returned a dict)
+    if isinstance(exc, SyntaxError):  # its place is where the parser stopped, not a frame
+        text, place = (exc.msg or "").strip(), _place(folder, exc.filename, exc.lineno)
+    else:
+        text = str(exc).strip()
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if _relative(folder, f.filename)]
+        place = _place(folder, frames[-1].filename, frames[-1].lineno) if frames else ""
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{described} ({place})" if place else described
+
+
+def _relative(folder: Path, filename: Optional[str]) -> Optional[Path]:
+    """``filename`` relative to the recipe folder; None when it lies outside (a library, fastDeploy)."""
+    if not filename:
+        return None
+    try:
+        return Path(filename).resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+
+
+def _place(folder: Path, filename: Optional[str], line: Optional[int]) -> str:
+    relative = _relative(folder, filename)
+    if relative is None:
+        return ""
+    return f"{relative}, line {line}" if line else str(relative)

@@ -19,8 +19,18 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from fastdeploy import bodies
-from fastdeploy.errors import FastDeployError, StoreUnavailable, TooManyRequests, Unavailable
-from fastdeploy.jobs import JobStatus, JobView, NewJob, ResultNews, WorkerInfo, encode_inputs, new_job_id
+from fastdeploy.admission import Admission
+from fastdeploy.errors import FastDeployError, JobExists, StoreUnavailable, Unavailable
+from fastdeploy.jobs import (
+    STARTUP_FAILURE,
+    JobStatus,
+    JobView,
+    NewJob,
+    ResultNews,
+    WorkerInfo,
+    encode_inputs,
+    new_job_id,
+)
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
@@ -116,12 +126,37 @@ class StoreBridge:
             self._thread_flush_scheduled = False
         if not batch:
             return
-        error: Optional[BaseException] = None
-        try:
-            self.store.submit([job for job, _ in batch])
-        except FastDeployError as exc:
-            error = exc
-        loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+        loop.call_soon_threadsafe(_settle_each, self._write_group(batch))
+
+    def _write_group(
+        self, batch: list[tuple[NewJob, asyncio.Future[None]]]
+    ) -> list[tuple[asyncio.Future[None], Optional[BaseException]]]:
+        """Write a group in one go; a job whose client-chosen id is in use fails alone (409)
+        and the others are written without it, so one client's duplicate costs no one else."""
+        settled: list[tuple[asyncio.Future[None], Optional[BaseException]]] = []
+        seen: set[str] = set()
+        rest: list[tuple[NewJob, asyncio.Future[None]]] = []
+        for job, future in batch:  # the same id twice in one group: the first one wins
+            if job.id in seen:
+                settled.append((future, JobExists([job.id])))
+            else:
+                seen.add(job.id)
+                rest.append((job, future))
+        while rest:
+            try:
+                self.store.submit([job for job, _ in rest])
+            except JobExists as exc:
+                taken = set(exc.ids)
+                settled += [(f, JobExists([j.id])) for j, f in rest if j.id in taken]
+                left = [(j, f) for j, f in rest if j.id not in taken]
+                if len(left) == len(rest):  # the store named none of these ids: fail them all
+                    return settled + [(f, exc) for _, f in rest]
+                rest = left
+                continue
+            except FastDeployError as exc:
+                return settled + [(f, exc) for _, f in rest]
+            return settled + [(f, None) for _, f in rest]
+        return settled
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -162,7 +197,11 @@ class _Watch:
 
 
 def _settle(futures: Sequence[asyncio.Future[None]], error: Optional[BaseException]) -> None:
-    for future in futures:
+    _settle_each([(future, error) for future in futures])
+
+
+def _settle_each(outcomes: Sequence[tuple[asyncio.Future[None], Optional[BaseException]]]) -> None:
+    for future, error in outcomes:
         if not future.done():
             if error is None:
                 future.set_result(None)
@@ -184,9 +223,9 @@ class Service:
         self._reads: set[asyncio.Task[None]] = set()
         self._depths: list[int] = [0] * recipe.stages
         self._workers: list[WorkerInfo] = []
-        self._unfinished = 0
-        self._by_owner: dict[str, int] = {}  # unfinished jobs per owner, when a per-owner bound is set
+        self.admission = Admission(settings.queue_limit, settings.queue_limit_per_key)
         self._store_error: Optional[str] = None
+        self._failing: Optional[str] = None  # why a stage's loops keep failing to start (from the store)
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -205,9 +244,12 @@ class Service:
     # -- snapshot of store state (readiness, meta, metrics, queue bound) -------
     async def refresh(self) -> None:
         """Re-read queue depths and live workers; run store maintenance."""
+        self.admission.snapshot_starting()
         try:
-            self._depths, self._workers, self._unfinished, self._by_owner = await self.bridge.call(self._read_snapshot)
+            self._depths, self._workers, unfinished, by_owner = await self.bridge.call(self._read_snapshot)
+            self.admission.snapshot(unfinished, by_owner)
             self._store_error = None
+            self._failing = self._startup_failure()
         except FastDeployError as exc:
             self._store_error = exc.reason
 
@@ -234,58 +276,71 @@ class Service:
         ready_stages = {w.stage for w in self.live_workers() if w.ready}
         waiting = [str(s) for s in range(self.recipe.stages) if s not in ready_stages]
         if waiting:
-            return f"not ready: no prediction loop is serving stage(s) {', '.join(waiting)} yet (loading or warming up)"
+            return self._failing or (
+                f"not ready: no prediction loop is serving stage(s) {', '.join(waiting)} yet (loading or warming up)"
+            )
         return None
 
+    def _startup_failure(self) -> Optional[str]:
+        """Why a stage with no ready loop cannot get one: a supervisor's record that its loops keep failing
+        to start (see ``STARTUP_FAILURE``); None while every stage is served or may still be loading."""
+        live = self.live_workers()
+        ready = {w.stage for w in live if w.ready}
+        reasons = [str(w.stats[STARTUP_FAILURE]) for w in live
+                   if not w.ready and w.stage not in ready and w.stats.get(STARTUP_FAILURE)]
+        return min(reasons) if reasons else None
+
     # -- requests -------------------------------------------------------------
-    def _check_capacity(self, owner: str) -> None:
+    def _check_store(self) -> None:
+        """503 at once when the store is down or a stage cannot get a loop, rather than a wait for TIMEOUT."""
         if self._store_error:
             raise StoreUnavailable(self._store_error, retry_after=2.0)
-        if self._unfinished >= self.settings.queue_limit:
-            raise Unavailable(
-                f"the queue is full ({self._unfinished} unfinished jobs, limit {self.settings.queue_limit}); retry later",
-                retry_after=2.0,
-            )
-        limit = self.settings.queue_limit_per_key
-        if limit and self._by_owner.get(owner, 0) >= limit:
-            raise TooManyRequests(
-                f"you have {self._by_owner[owner]} unfinished jobs, the most one client may have "
-                f"(QUEUE_LIMIT_PER_KEY={limit}); wait for some to finish, then retry"
-            )
+        if self._failing:
+            raise Unavailable(self._failing, retry_after=5.0)
 
-    def _accepted(self, owner: str) -> None:
-        """Count a job in until the next snapshot counts it from the store."""
-        self._unfinished += 1
-        if self.settings.queue_limit_per_key:
-            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+    async def _submit(self, job: NewJob, alone: bool = False) -> None:
+        """Admit the job (the queue bounds), then write it; a job whose write fails is let go."""
+        self.admission.admit(job.owner)
+        written = False
+        try:
+            await self.bridge.submit(job, alone)
+            written = True
+        finally:
+            self.admission.written(job.owner, written)
 
     def _new_job(self, request: ParsedRequest, deadline: Optional[float], owner: str) -> NewJob:
         """A /sync job (one with a deadline) is waited for here: the store sends its outcome back to this process."""
         payload = encode_inputs(request.inputs, request.keys)
         origin = self.doorbell.address if deadline is not None else None
-        return NewJob(
-            new_job_id(), payload, len(request.inputs), request.priority, deadline, request.webhook, origin, owner
-        )
+        job_id = request.unique_id or new_job_id()
+        return NewJob(job_id, payload, len(request.inputs), request.priority, deadline, request.webhook, origin, owner)
 
     async def submit_async(self, request: ParsedRequest, owner: str = "") -> str:
-        self._check_capacity(owner)
+        self._check_store()
         job = self._new_job(request, None, owner)
-        await self.bridge.submit(job)
-        self._accepted(owner)
+        await self._submit(job)
         return job.id
 
     async def predict_sync(
-        self, request: ParsedRequest, owner: str = "", client_gone: Optional[Callable[[], Awaitable[None]]] = None
+        self, request: ParsedRequest, owner: str = "", client_gone: Optional[Callable[[], Awaitable[None]]] = None,
+        timeout: Optional[float] = None,
     ) -> Answer:
-        """Queue the job and wait for its outcome, until TIMEOUT or until the client leaves.
+        """Queue the job and wait for its outcome, until TIMEOUT (or the request's own shorter
+        ``timeout``) or until the client leaves.
 
         ``client_gone()`` completes when the client closes its connection; its job is then
         taken off the queue (if no loop has started on it), so nobody predicts for no one.
         Watching starts only once a request has waited a little: quick answers skip it.
         """
-        self._check_capacity(owner)
-        timeout = self.settings.timeout
+        self._check_store()
+        limit = f"TIMEOUT={self.settings.timeout:g} s"
+        if timeout is not None and timeout < self.settings.timeout:
+            limit = f"the request's timeout of {timeout:g} s"
+        else:
+            timeout = self.settings.timeout
         job = self._new_job(request, time.time() + timeout, owner)
+        if job.id in self._waiters:  # its client's id is being waited for here: the store would refuse it too
+            raise JobExists([job.id])
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[JobView] = loop.create_future()
         self._waiters[job.id] = waiter
@@ -293,11 +348,10 @@ class Service:
         watch = _Watch(client_gone, waiter)
         start_watch = loop.call_later(WATCH_CLIENT_AFTER_SECONDS, watch.start) if client_gone is not None else None
         try:
-            await self.bridge.submit(job, alone=len(self._waiters) == 1)
-            self._accepted(owner)
+            await self._submit(job, alone=len(self._waiters) == 1)
             view = await self.doorbell.wait_for_answer(waiter, self._alone)
         except SyncTimeout:
-            reason = f"no prediction within TIMEOUT={timeout:g} s; the request was dropped; use /async for long jobs"
+            reason = f"no prediction within {limit}; the request was dropped; use /async for long jobs"
             return Answer(504, bodies.failure(reason, job.id))
         except ClientGone:
             await self._abandon(job.id)
@@ -350,6 +404,8 @@ class Service:
             if ended:
                 return Answer(200, bodies.cancelled(unique_id, JobStatus.CANCELLED.value))
             view = await self._view(unique_id, reader) or view  # it finished meanwhile
+        if not view.status.finished:
+            return Answer(404, bodies.not_found(unique_id))  # gone (expired) between the two reads
         reason = f"job {unique_id!r} has already ended ({view.status.value}); there is nothing to cancel"
         return Answer(409, bodies.failure(reason, unique_id))
 

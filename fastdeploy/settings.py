@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -71,7 +72,7 @@ class Settings:
     """Everything a fastDeploy process needs to know, resolved once at start-up."""
 
     recipe_dir: Path
-    host: str = field(default="0.0.0.0", metadata=_meta("address the HTTP server listens on"))
+    host: str = field(default="0.0.0.0", metadata=_meta("address the HTTP server listens on", env=("HOST",)))
     port: int = field(default=8080, metadata=_meta("port the HTTP server listens on", env=("PORT",), minimum=0))
     state_dir: str = field(default="", metadata=_meta("folder for the embedded store (default RECIPE/.fastdeploy)"))
     broker: str = field(default="", metadata=_meta(
@@ -82,11 +83,15 @@ class Settings:
     timeout: float = field(default=480.0, metadata=_meta(
         "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001))
     max_per_client_batch: int = field(default=0, metadata=_meta(
-        "most inputs in one request (0 = no limit)", env=("MAX_PER_CLIENT_BATCH",), minimum=0))
+        "most inputs in one request (0 = no limit)", env=("MAX_PER_CLIENT_BATCH", "MAX_REQUEST_BATCH_SIZE"), minimum=0))
     only_async: bool = field(default=False, metadata=_meta(
         "refuse /sync (clients must use /async)", env=("ONLY_ASYNC",)))
+    allow_pickle: bool = field(default=False, metadata=_meta(
+        "accept pickle bodies on POST /infer (fastDeploy 3.x clients use pickle when it is on); unpickling runs "
+        "code, so turn it on only when every client is trusted", env=("ALLOW_PICKLE",)))
     batch_size: int = field(default=0, metadata=_meta(
-        "fix the batch size instead of measuring it at start-up (0 = measure)", env=("BATCH_SIZE",), minimum=0))
+        "fix the batch size instead of measuring it at start-up (0 = measure)", env=("BATCH_SIZE", "OPTIMAL_BATCH_SIZE"),
+        minimum=0))
     max_batch_size: int = field(default=256, metadata=_meta("largest batch size the start-up search tries", minimum=1))
     max_wait: float = field(default=0.5, metadata=_meta(
         "how long a loop waits for a fuller batch, as a multiple of the time per example (only under load)",
@@ -103,6 +108,13 @@ class Settings:
     result_ttl: float = field(default=3600.0, metadata=_meta(
         "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1))
     max_body_mb: float = field(default=100.0, metadata=_meta("largest request body in MiB (413 above)", minimum=0.001))
+    header_timeout: float = field(default=10.0, metadata=_meta(
+        "seconds a connection has to send a complete request head (from opening, or from its first byte after "
+        "an answer) before it is closed", minimum=0.001))
+    keep_alive: float = field(default=5.0, metadata=_meta(
+        "seconds an idle keep-alive connection stays open after an answer", env=("KEEP_ALIVE",), minimum=0))
+    max_connections: int = field(default=1000, metadata=_meta(
+        "most open connections per HTTP server process; more get 503 at once (0 = no limit)", minimum=0))
     queue_limit: int = field(default=100000, metadata=_meta(
         "most unfinished jobs before /sync and /async answer 503", minimum=1))
     queue_limit_per_key: int = field(default=0, metadata=_meta(
@@ -114,6 +126,9 @@ class Settings:
     api_keys_file: str = field(default="", metadata=_meta(
         "file with one API key per line (# comments); re-read on SIGHUP"))
     metrics_open: bool = field(default=False, metadata=_meta("serve /metrics without an API key (for scrapers)"))
+    cors_origins: str = field(default="", metadata=_meta(
+        "comma-separated origins (scheme://host[:port]) whose web pages may call this service, * for any "
+        "(empty = no CORS headers)"))
     lease_seconds: float = field(default=30.0, metadata=_meta(
         "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1))
     heartbeat_seconds: float = field(default=1.0, metadata=_meta("how often loops report they are alive", minimum=0.01))
@@ -148,6 +163,10 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return cors_origin_list(self.cors_origins)
 
     @property
     def allowed_webhook_hosts(self) -> frozenset[str]:
@@ -222,6 +241,20 @@ def webhook_signing_key(secret: str) -> bytes:
     return key
 
 
+_ORIGIN = re.compile(r"https?://[^/\s?#@]+")
+
+
+def cors_origin_list(text: str) -> list[str]:
+    """The origins of --cors-origins; SettingsError for one a browser could never send (a path,
+    no scheme), which would otherwise silently allow nothing."""
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise SettingsError(f"--cors-origins (FASTDEPLOY_CORS_ORIGINS): {origin!r} is not an origin; write "
+                                "scheme://host[:port] without a path, like https://app.example.com, or *")
+    return origins
+
+
 def load_settings(
     recipe_dir: str | Path,
     flags: Optional[Mapping[str, Any]] = None,
@@ -252,6 +285,7 @@ def load_settings(
             values[option.name] = option.default
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"log level must be debug, info, warning or error, not {values['log_level']!r}")
+    cors_origin_list(values["cors_origins"])  # a malformed origin stops the command, naming the option
     if values["webhook_secret"]:
         webhook_signing_key(values["webhook_secret"])  # a malformed secret stops the command, naming the option
     for name in _PATHS:  # relative to where the command was started, not to the recipe folder children run in

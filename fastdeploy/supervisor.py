@@ -5,6 +5,12 @@ starts one prediction loop per stage replica, restarts a loop that dies (its lea
 jobs go straight back to the queue), and on SIGINT/SIGTERM stops the API servers first
 (they answer the /sync requests in flight while the loops still run), then the loops.
 Children run in their own session so a terminal's Ctrl-C reaches only the supervisor.
+
+A loop whose predictor cannot start (the recipe's own error at import or warm-up: exit
+STARTUP_FAILED_EXIT, its one-line reason on a pipe) stops the whole service, unless that
+loop slot was ready before: then it is restarted like any dying loop, and once
+FAILED_STARTS restarts in a row never got ready, a record in the store tells the API
+servers why, so /ready, /sync and /async say it at once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +32,7 @@ from typing import Optional, Sequence
 
 from fastdeploy import store_secret
 from fastdeploy.errors import FastDeployError
+from fastdeploy.jobs import STARTUP_FAILURE, WorkerInfo
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
 from fastdeploy.store import Store, open_store
@@ -35,6 +43,9 @@ WATCH_SECONDS = 0.2
 CHECKPOINT_SECONDS = 0.2  # how often the store's write-ahead log is folded in, off the request path
 LOOP_STOP_SECONDS = 30.0
 MAX_RESTART_DELAY = 30.0
+STARTUP_FAILED_EXIT = 78  # a loop's exit code when the recipe's own code failed at start-up (EX_CONFIG)
+FAILED_STARTS = 3  # restarts in a row that never got ready before the API servers are told why
+_METRICS_PREFIX = "fastdeploy-metrics-"  # + supervisor pid: the API servers' metric files, outside the state folder
 
 
 @dataclass
@@ -49,8 +60,16 @@ class Child:
     failures: int = 0
     restart_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    report_fd: Optional[int] = None  # a loop's pipe: why its predictor could not start
+    ready: bool = False  # this process reported itself ready
+    ever_ready: bool = False  # some process of this slot did: its deaths are restarted, never fatal
+    failed_starts: int = 0  # processes in a row that died before they were ready
 
 
+_SECRETS_OF_THE_OTHER_ROLE = {
+    "api": ("FASTDEPLOY_STORE_SECRET",),
+    "loop": ("FASTDEPLOY_API_KEYS", "FASTDEPLOY_API_KEYS_FILE", "FASTDEPLOY_WEBHOOK_SECRET"),
+}
 _REUSE_PORT: Optional[int] = getattr(socket, "SO_REUSEPORT", None)
 
 
@@ -81,6 +100,9 @@ class Supervisor:
         self._store: Optional[Store] = None
         self._announced_ready = False
         self._metrics_dir: Optional[Path] = None
+        self._fatal: Optional[str] = None  # why the service stops by itself (a predictor that cannot start)
+        self._failing: dict[int, str] = {}  # stage -> why its loops keep failing to start
+        self._failure_written = 0.0
 
     # -- public ---------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
@@ -88,6 +110,9 @@ class Supervisor:
 
     def _reload(self, *_: object) -> None:
         """SIGHUP: the API servers re-read the API keys file (each handles its own SIGHUP)."""
+        if not self.settings.api_keys_file:
+            log.info("SIGHUP ignored: there is no --api-keys-file to re-read")
+            return
         for child in self.children:
             if child.role == "api" and child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGHUP)
@@ -95,7 +120,8 @@ class Supervisor:
     def run(self) -> int:
         # before anything starts: a chain on a broker without a secret stops here; the embedded
         # store's secret is generated (or read back) here and reaches the children in their environment
-        self.settings = store_secret.resolve(self.settings, self.recipe)
+        if self.run_loops:  # API servers never sign or read stage payloads
+            self.settings = store_secret.resolve(self.settings, self.recipe)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         signal.signal(signal.SIGHUP, self._reload)
@@ -121,23 +147,29 @@ class Supervisor:
             if self._metrics_dir is not None:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
             self._store.close()
+        if self._fatal is not None:
+            raise FastDeployError(self._fatal)  # the CLI prints it and exits non-zero
         return 0
 
     def _checkpoint_forever(self) -> None:
         """Keep the store's log short from here, so no request pays for flushing it to disk."""
         assert self._store is not None
+        said = ""
         while not self._stop.wait(CHECKPOINT_SECONDS):
             try:
                 self._store.checkpoint()
+                said = ""
             except FastDeployError as exc:  # the request connections' backstop still bounds the log
-                log.warning("%s", exc.reason)
+                if exc.reason != said:  # a full disk fails every pass: say so once, not 5 times a second
+                    log.warning("%s", exc.reason)
+                    said = exc.reason
 
     def _fresh_metrics_dir(self) -> None:
-        """An empty folder through which the API processes sum their request metrics."""
-        folder = self.settings.state_path / f"metrics-{os.getpid()}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        self._metrics_dir = folder
+        """An empty folder, private to this service (0700), through which the API processes sum their
+        request metrics. Not in the state folder: prometheus_client memory-maps these files, and a
+        write to a mapped file on a full disk kills the process (SIGBUS); a full state disk must not."""
+        _sweep_metrics_dirs()
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-"))
 
     @property
     def port(self) -> int:
@@ -225,35 +257,41 @@ class Supervisor:
         for child in self.children:
             self._spawn(child)
 
-    def _command(self, child: Child) -> list[str]:
+    def _command(self, child: Child, fd: int) -> list[str]:
+        """``fd``: an API server's listening socket, or the end of a loop's report pipe it writes to."""
         base = [sys.executable, "-m", "fastdeploy"]
         if child.role == "api":
-            assert child.sock is not None
-            command = [*base, "_api", str(self.recipe.path), "--fd", str(child.sock.fileno())]
+            command = [*base, "_api", str(self.recipe.path), "--fd", str(fd)]
             if self._metrics_dir is not None:
                 command += ["--metrics-dir", str(self._metrics_dir)]
             return command
-        return [*base, "_loop", str(self.recipe.path), "--stage", str(child.stage), "--worker-id", str(child.worker_id)]
+        return [*base, "_loop", str(self.recipe.path), "--stage", str(child.stage), "--worker-id", str(child.worker_id),
+                "--report-fd", str(fd)]
 
     def _spawn(self, child: Child) -> None:
         env = {**os.environ, **self.settings.to_env(), "FASTDEPLOY_SUPERVISED": "1"}
-        if child.role == "api":
-            del env["FASTDEPLOY_STORE_SECRET"]  # only the loops sign and check stage payloads
+        # each child gets only the secrets it uses: the loops run the recipe's own code
+        for name in _SECRETS_OF_THE_OTHER_ROLE[child.role]:
+            env.pop(name, None)
         if child.role == "loop":
             assert child.stage is not None
             child.worker_id = new_worker_id(child.stage)
-        fds: tuple[int, ...] = ()
-        if child.role == "api":
+            child.ready = False
+            child.report_fd, fd = os.pipe()
+            os.set_blocking(child.report_fd, False)  # read once it died; a grandchild may hold the other end
+        else:
             child.sock = self._api_socket()
-            fds = (child.sock.fileno(),)
+            fd = child.sock.fileno()
         try:
             child.proc = subprocess.Popen(
-                self._command(child), env=env, cwd=str(self.recipe.path), pass_fds=fds, start_new_session=True
+                self._command(child, fd), env=env, cwd=str(self.recipe.path), pass_fds=(fd,), start_new_session=True
             )
         finally:
             # the API server holds its socket alone: when it dies the kernel closes the socket
             # at once and sends new connections to the live servers only
             self._close_api_socket(child)
+            if child.role == "loop":
+                os.close(fd)
         child.started_at = time.monotonic()
         log.debug("started %s (pid %d)", child.role, child.proc.pid)
 
@@ -269,40 +307,121 @@ class Supervisor:
                 continue
             if child.restart_at == 0.0:
                 self._on_death(child, code)
+                if self._fatal is not None:
+                    return  # a predictor that cannot start: the service stops, nothing is restarted
             if now >= child.restart_at:
                 child.restart_at = 0.0
                 self._spawn(child)
-        if not self._announced_ready and self.run_loops:
-            self._announce_ready()
+        if self.run_loops:
+            if any(c.role == "loop" and not c.ready for c in self.children):
+                self._see_ready()
+            if self._failing and now - self._failure_written >= self.settings.heartbeat_seconds:
+                self._write_failures()
 
     def _on_death(self, child: Child, code: int) -> None:
         delay = min(MAX_RESTART_DELAY, 0.5 * (2**child.failures))
         child.failures += 1
         child.restart_at = time.monotonic() + delay
-        if child.role == "loop" and child.worker_id is not None and self._store is not None:
-            try:
-                requeued = self._store.release_worker(child.worker_id)
-            except FastDeployError as exc:  # store down: the lease runs out instead
-                log.warning("could not requeue jobs of %s: %s", child.worker_id, exc.reason)
-                requeued = 0
-            log.error(
-                "prediction loop for stage %s exited with code %s; %d job(s) requeued; restarting in %.1f s",
-                child.stage, code, requeued, delay,
-            )
-        else:
+        if child.role != "loop":
             log.error("API server exited with code %s; restarting in %.1f s", code, delay)
+            return
+        reason = self._take_report(child)
+        if not child.ready:
+            self._see_ready()  # it may have got ready since the last look
+        if code == STARTUP_FAILED_EXIT and not child.ever_ready:
+            # at start-up: the recipe's own code failed, and every restart would fail the same way
+            self._fatal = reason or f"the predictor of stage {child.stage} could not start (see above)"
+            self._stop.set()
+        requeued = self._release(child)
+        if self._fatal is not None:
+            return
+        said = f": {reason}" if reason else ""
+        log.error("prediction loop for stage %s exited with code %s%s; %d job(s) requeued; restarting in %.1f s",
+                  child.stage, code, said, requeued, delay)
+        if not child.ready:
+            self._failed_start(child, reason or _exit_description(code))
 
-    def _announce_ready(self) -> None:
+    def _release(self, child: Child) -> int:
+        """Requeue the jobs a dead loop held; how many."""
+        if child.worker_id is None or self._store is None:
+            return 0
+        try:
+            return self._store.release_worker(child.worker_id)
+        except FastDeployError as exc:  # store down: the lease runs out instead
+            log.warning("could not requeue jobs of %s: %s", child.worker_id, exc.reason)
+            return 0
+
+    @staticmethod
+    def _take_report(child: Child) -> str:
+        """What a dead loop said about why its predictor could not start ("" when it said nothing)."""
+        fd, child.report_fd = child.report_fd, None
+        if fd is None:
+            return ""
+        try:
+            return os.read(fd, 8192).decode(errors="replace").strip()
+        except OSError:  # nothing written, and a process the predictor started holds the pipe open
+            return ""
+        finally:
+            os.close(fd)
+
+    def _failed_start(self, child: Child, how: str) -> None:
+        """A loop died before it was ready; FAILED_STARTS in a row, and the API servers say why (503)."""
+        assert child.stage is not None
+        child.failed_starts += 1
+        if child.failed_starts < FAILED_STARTS:
+            return
+        self._failing[child.stage] = (
+            f"stage {child.stage} is not serving: its prediction loop failed to start {child.failed_starts} times "
+            f"in a row (the last time: {how}); fastDeploy keeps restarting it"
+        )
+        self._failure_written = 0.0  # tell them on this tick
+
+    def _write_failures(self) -> None:
+        """Keep a record per failing stage in the store, where every API server reads why (``STARTUP_FAILURE``)."""
+        assert self._store is not None
+        self._failure_written = time.monotonic()
+        for stage, reason in self._failing.items():
+            info = WorkerInfo(self._failure_id(stage), stage, socket.gethostname(), os.getpid(), 0, False, time.time(),
+                              {STARTUP_FAILURE: reason})
+            try:
+                self._store.heartbeat(info, self.settings.lease_seconds)
+            except FastDeployError as exc:
+                log.warning("could not record why stage %d is not serving: %s", stage, exc.reason)
+
+    @staticmethod
+    def _failure_id(stage: int) -> str:
+        return f"{socket.gethostname()}-s{stage}-failing-{os.getpid()}"
+
+    def _see_ready(self) -> None:
+        """Learn from the store which loops are ready: a slot that was is restarted, never fatal; a stage
+        serving again is no longer reported failing; once every stage is, say so."""
         assert self._store is not None
         try:
             workers = self._store.workers()
         except FastDeployError:  # not essential; try on the next tick
             return
-        ready = {w.stage for w in workers if w.ready and any(c.worker_id == w.worker_id for c in self.children)}
-        if all(stage in ready for stage in self.stages):
+        ready = {w.worker_id for w in workers if w.ready}
+        for child in self.children:
+            if child.role == "loop" and not child.ready and child.worker_id in ready:
+                child.ready = child.ever_ready = True
+                child.failed_starts = 0
+                if child.stage in self._failing:
+                    self._recovered(child.stage)
+        if not self._announced_ready and all(
+            any(c.ready and c.stage == stage for c in self.children) for stage in self.stages
+        ):
             self._announced_ready = True
             sizes = {w.stage: w.batch_size for w in workers if w.ready}
             log.info("fastDeploy: ready (batch sizes by stage: %s)", sizes)
+
+    def _recovered(self, stage: int) -> None:
+        assert self._store is not None
+        del self._failing[stage]
+        log.info("stage %d is serving again", stage)
+        try:
+            self._store.release_worker(self._failure_id(stage))
+        except FastDeployError as exc:  # the record expires by itself
+            log.warning("could not clear the failure record of stage %d: %s", stage, exc.reason)
 
     # -- stop -----------------------------------------------------------------
     def _shutdown(self) -> None:
@@ -311,13 +430,17 @@ class Supervisor:
         loops = [c for c in self.children if c.role == "loop"]
         self._stop_group(apis, self.settings.timeout + 10.0)
         self._stop_group(loops, LOOP_STOP_SECONDS)
+        for child in loops:
+            if child.report_fd is not None:
+                os.close(child.report_fd)
+                child.report_fd = None
         if self._store is not None:
-            for child in loops:
-                if child.worker_id is not None:
-                    try:
-                        self._store.release_worker(child.worker_id)
-                    except FastDeployError as exc:  # the store may be gone already
-                        log.warning("could not release %s: %s", child.worker_id, exc.reason)
+            gone = [c.worker_id for c in loops if c.worker_id is not None]
+            for worker_id in gone + [self._failure_id(stage) for stage in self._failing]:
+                try:
+                    self._store.release_worker(worker_id)
+                except FastDeployError as exc:  # the store may be gone already
+                    log.warning("could not release %s: %s", worker_id, exc.reason)
 
     @staticmethod
     def _stop_group(children: Sequence[Child], grace: float) -> None:
@@ -333,3 +456,28 @@ class Supervisor:
                 log.warning("pid %d did not stop in %.0f s; killing it", proc.pid, grace)
                 proc.kill()
                 proc.wait()
+
+
+def _sweep_metrics_dirs() -> None:
+    """Remove the metric folders of supervisors that are gone: one killed (SIGKILL) could not remove its own."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = folder.name[len(_METRICS_PREFIX):].split("-")[0]
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+            if pid.isdigit() and mine:
+                os.kill(int(pid), 0)  # raises when no such process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # gone meanwhile, or a live process of another user
+            continue
+
+
+def _exit_description(code: int) -> str:
+    """How a loop process ended, in words."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"it was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"it exited with code {code}"

@@ -210,10 +210,12 @@ class WebhookSender:
         except Refused as exc:  # final: a retry would be refused the same way
             log.warning("webhook for %s to %s abandoned without retrying: %s",
                         delivery.job_id, loggable_url(delivery.url), exc)
-            await self._record(self.store.webhook_failed, delivery.job_id, str(exc))
+            await self._record(self.store.webhook_failed, delivery.job_id, REFUSED_FOR_CLIENTS)
             return
         except asyncio.TimeoutError:
             error = f"no answer within {timeout:g} s"
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            error = f"{CONNECT_FAILED}: {type(exc).__name__}: {exc}"
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:  # the receiver's fault, or its URL's
             error = f"{type(exc).__name__}: {exc}"
         if error:
@@ -228,13 +230,29 @@ class WebhookSender:
             if attempts >= self.settings.webhook_attempts:
                 log.warning("webhook for %s to %s abandoned after %d attempts: %s",
                             delivery.job_id, loggable_url(delivery.url), attempts, error)
-                await self._record(self.store.webhook_failed, delivery.job_id, error)
+                await self._record(self.store.webhook_failed, delivery.job_id, for_clients(error))
             else:
                 delay = next_delay(self.settings, delivery.attempts)
                 log.info("webhook for %s failed (%s); retry %d in %.1f s", delivery.job_id, error, attempts, delay)
-                await self._record(self.store.webhook_retry, delivery.job_id, time.time() + delay, error)
+                await self._record(self.store.webhook_retry, delivery.job_id, time.time() + delay, for_clients(error))
         except FastDeployError as exc:  # the lease runs out and another try happens later
             log.warning("could not record webhook attempt for %s: %s", delivery.job_id, exc.reason)
+
+
+REFUSED_FOR_CLIENTS = "refused: the webhook's host is not one webhooks may reach"
+CONNECT_FAILED = "could not connect"
+
+
+def for_clients(error: str) -> str:
+    """What /result may tell of a failed attempt: its kind, never the details (which addresses
+    answer, how an internal service replies): those stay in the server log."""
+    if error.startswith("HTTP "):
+        return f"HTTP {error[5:6]}xx"
+    if error.startswith("no answer within"):
+        return "no answer in time"
+    if error.startswith(CONNECT_FAILED):
+        return CONNECT_FAILED
+    return "the delivery failed"
 
 
 def _outcome(status: int) -> str:

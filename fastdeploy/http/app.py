@@ -6,6 +6,8 @@ reply (one error contract for every endpoint) and records the request's metrics.
 ``POST /sync`` takes a plain ASGI path in front of Starlette (``FastDeployApp``): it is
 the request a synchronous client makes every time, and Starlette's middleware, routing
 and Request/Response objects were a large share of its cost (py-spy, W1 at 64 clients).
+``POST /infer``, the same request in the fastDeploy 3.x protocol (``http.infer``), takes
+that path too. With ``--cors-origins``, Starlette's CORS middleware stands in front of both.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import AsyncIterator, Awaitable, Callable, NamedTuple, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -29,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fastdeploy import bodies
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
 from fastdeploy.http.auth import ApiKeys
+from fastdeploy.http.infer import Wire
 from fastdeploy.http.openapi import openapi_document
 from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
@@ -43,6 +47,7 @@ from fastdeploy.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type"]  # what a browser client may send
 ONLY_ASYNC_REASON = "this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction"
 
 
@@ -194,6 +199,32 @@ async def sync_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply
     return Reply.of(await api.service.predict_sync(parsed, scope[OWNER], functools.partial(_disconnected, receive)))
 
 
+async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    """POST /infer, the fastDeploy 3.x protocol (``http.infer``), on the same path as /sync. Every
+    answer, a refusal or a 401 too, is in the client's own serialisation: the route is public at
+    the boundary, and the key is checked here instead."""
+    s = api.settings
+    wire = Wire.from_query(scope.get("query_string", b""))
+    try:
+        scope[OWNER] = api.keys.owner(scope)
+        if s.only_async:
+            raise BadRequest(ONLY_ASYNC_REASON)
+        request = wire.request(
+            await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file,
+            max_items=s.max_per_client_batch, max_bytes=s.max_body_bytes, allow_pickle=s.allow_pickle,
+        )
+        done = await api.service.predict_sync(
+            request, scope[OWNER], functools.partial(_disconnected, receive), timeout=wire.timeout
+        )
+    except FastDeployError as exc:
+        status, body, media_type, headers = wire.refusal(exc)
+        return Reply(status, body, headers or None, media_type)
+    if done.status == 499:
+        return Reply(499, b"")  # nobody reads it
+    status, body, media_type = wire.answer(done.status, done.body, request.keys)
+    return Reply(status, body, None, media_type)
+
+
 async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
     s = api.settings
     parsed = parse_request(
@@ -227,11 +258,15 @@ async def ready_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
     reason = api.service.not_ready_reason()
     if reason is None:
         return Reply(200, bodies.READY)
+    if api.keys.enabled:  # /ready needs no key: tell strangers no more than that (the log and /meta say why)
+        reason = "not ready; the reason is in the server log"
     return Reply(503, bodies.failure(reason), {"Retry-After": "1"})
 
 
 async def meta_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    return Reply(200, bodies.document(api.service.meta()))
+    document = api.service.meta()
+    document["is_pickle_allowed"] = api.settings.allow_pickle  # what fdclient 3.x asks (?is_pickle_allowed=)
+    return Reply(200, bodies.document(document))
 
 
 async def metrics_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -255,18 +290,22 @@ def _route(path: str, endpoint: str, handler: Handler, counted: bool = True, pub
     return Route(path, run, methods=["GET"] if handler not in _POSTS else ["POST"])
 
 
-_POSTS = {sync_handler, async_handler, result_handler, cancel_handler}
+_POSTS = {sync_handler, infer_handler, async_handler, result_handler, cancel_handler}
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (unknown path, wrong method) in our shape."""
+    """Starlette's own errors (unknown path, wrong method) in our shape, with their headers
+    (a 405 carries ``Allow``: the methods the route takes, as HTTP requires)."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
     if status == 404:
         detail = f"no endpoint {request.url.path}; see GET /openapi.json for the endpoints"
     elif status == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
-    return Response(bodies.failure(detail), status_code=status, media_type=JSON)
+        allowed = sorted(m.strip() for m in headers.get("Allow", "").split(",") if m.strip())
+        headers["Allow"] = ", ".join(allowed)
+        detail = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allowed)}"
+    return Response(bodies.failure(detail), status_code=status, media_type=JSON, headers=headers or None)
 
 
 async def _send(send: Send, reply: Reply) -> None:
@@ -282,8 +321,11 @@ class FastDeployApp:
 
     def __init__(self, settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> None:
         self.api = ApiProcess(settings, recipe, metrics_dir)
+        if settings.api_keys_file:  # until the app has started and handles it, a reload must not kill us
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         routes = [
             _route("/sync", "sync", sync_handler),  # other methods than POST: a 405 from Starlette
+            _route("/infer", "infer", infer_handler, public=True),  # checks the key itself (infer_handler)
             _route("/async", "async", async_handler),
             _route("/result", "result", result_handler),
             _route("/cancel", "cancel", cancel_handler),
@@ -291,12 +333,19 @@ class FastDeployApp:
             _route("/ready", "ready", ready_handler, public=True),
             _route("/meta", "meta", meta_handler),
             _route("/metrics", "metrics", metrics_handler, counted=False, public=settings.metrics_open),
+            _route("/prometheus_metrics", "metrics", metrics_handler, counted=False, public=settings.metrics_open),
             _route("/openapi.json", "openapi", openapi_handler, counted=False),
         ]
         self.framework = Starlette(
             routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: http_error}
         )
         self.framework.state.api = self.api
+        self._cors: Optional[ASGIApp] = None  # answers preflights itself, before any key is asked for
+        if settings.cors_origin_list:
+            self._cors = CORSMiddleware(
+                self._dispatch, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                allow_headers=CORS_HEADERS, expose_headers=["Retry-After", "WWW-Authenticate"], max_age=600,
+            )
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -307,10 +356,21 @@ class FastDeployApp:
             await self.api.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/sync":
-            await _send(send, await answer("sync", self.api, sync_handler, scope, receive))
+        if self._cors is not None:
+            await self._cors(scope, receive, send)
         else:
-            await self.framework(scope, receive, send)
+            await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /sync and POST /infer (3.x clients send nothing else) straight to their handlers."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            if scope["path"] == "/sync":
+                await _send(send, await answer("sync", self.api, sync_handler, scope, receive))
+                return
+            if scope["path"] == "/infer":
+                await _send(send, await answer("infer", self.api, infer_handler, scope, receive, public=True))
+                return
+        await self.framework(scope, receive, send)
 
 
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:

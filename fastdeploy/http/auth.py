@@ -22,6 +22,7 @@ from fastdeploy.errors import SettingsError, Unauthorized
 
 log = logging.getLogger(__name__)
 
+MIN_KEY_LENGTH = 16
 MISSING = "this service needs an API key: send Authorization: Bearer KEY or X-API-Key: KEY"
 WRONG = "the API key is not valid for this service"
 
@@ -36,8 +37,13 @@ def read_keys_file(path: str) -> list[str]:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"--api-keys-file: cannot read {path}: {exc}") from None
-    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
-    return [line for line in lines if line]
+    keys = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keys.append(line.split(" #", 1)[0].split("\t#", 1)[0].strip())  # a comment needs a space before it
+    return [key for key in keys if key]
 
 
 class ApiKeys:
@@ -45,8 +51,9 @@ class ApiKeys:
 
     def __init__(self, inline: str = "", path: str = "") -> None:
         self._inline = [k.strip() for k in inline.split(",") if k.strip()]
+        if inline.strip() and not self._inline:
+            raise SettingsError(f"--api-keys holds no key ({inline!r} after splitting on commas); refusing to run open")
         self._path = path
-        self._digests: list[bytes] = []
         self.enabled = bool(self._inline or path)
         self._digests = self._load()
 
@@ -54,6 +61,9 @@ class ApiKeys:
         keys = self._inline + (read_keys_file(self._path) if self._path else [])
         if self.enabled and not keys:
             raise SettingsError("API keys are required but none is configured (--api-keys / --api-keys-file)")
+        if any(len(key) < MIN_KEY_LENGTH for key in keys):
+            log.warning("an API key shorter than %d characters can be guessed; use long random keys "
+                        "(python -c 'import secrets; print(secrets.token_urlsafe(32))')", MIN_KEY_LENGTH)
         return [_digest(key) for key in keys]
 
     def reload(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastdeploy import __version__
+from fastdeploy.payloads import MAX_FILE_NAME_BYTES, MAX_JSON_DEPTH, MAX_WEBHOOK_URL
 from fastdeploy.recipe import Recipe
 
 
@@ -15,15 +16,76 @@ def _obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[
     return schema
 
 
+UNIQUE_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$",
+             "description": "your own id for the job (absent: the server makes one); 409 while it is in use"}
+NULLABLE_UNIQUE_ID = {**UNIQUE_ID, "type": ["string", "null"]}  # in a JSON body, null is the same as absent
+
+
+def _infer(file_mode: bool) -> dict[str, Any]:
+    """POST /infer, the fastDeploy 3.x protocol: the body is the list of inputs itself."""
+    items = ("each input is a file's content (bytes; base64 text in json), or a [name, content] pair"
+             if file_mode else "inputs, any values msgpack or JSON can carry")
+
+    def query(name: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+
+    answer = _obj({"success": {"type": "boolean"}, "unique_id": {"type": ["string", "null"]},
+                   "prediction": {"type": ["array", "null"]}, "reason": {"type": ["string", "null"]}},
+                  ["success", "unique_id", "prediction", "reason"])
+    same = {"schema": {"description": "the same document, in the request's serialisation"}}
+    content = {"application/json": {"schema": answer}, "application/msgpack": same, "application/pickle": same,
+               "application/octet-stream": {"schema": {"description": "the same document, zstd-compressed"}}}
+    return {"post": {
+        "summary": "Predict and wait, in the fastDeploy 3.x protocol (fdclient 3.x)",
+        "parameters": [
+            query("input_type", {"type": "string", "enum": ["msgpack", "json", "pickle"], "default": "json"},
+                  "serialisation of the body and the answer; pickle only when the server sets ALLOW_PICKLE"),
+            # 3.x read these by their first letter: any value is taken (t..., 1..., y..., on: true; else false)
+            query("compressed", {"type": "string", "default": "false"},
+                  "body and answer are zstd frames when true (t, 1, y or on, in any case; anything else: false)"),
+            query("unique_id", {**UNIQUE_ID, "pattern": "^[A-Za-z0-9._:-]{0,128}$"},
+                  "your own job id; empty: the server makes one"),
+            query("timeout", {"type": "number", "exclusiveMinimum": 0}, "seconds to wait, at most TIMEOUT"),
+            query("async", {"type": "string", "default": "false"},
+                  "queue at /async's priority (still waits) when true (read like compressed)"),
+        ],
+        "requestBody": {"required": True, "description": f"the list of inputs: {items}",
+                        "content": {"application/octet-stream": {"schema": {}}}},
+        "responses": {code: {"description": text, "content": content} for code, text in (
+            ("200", "predicted"), ("400", "unreadable body, pickle refused, bad query"),
+            ("401", "no or wrong API key"), ("409", "unique_id in use"), ("413", "too large"),
+            ("429", "too many unfinished jobs"), ("500", "the prediction failed or timed out"),
+            ("503", "queue full or store down"))},
+    }}
+
+
+# null means "not given" for both options, as the code takes them; 6.0 is an integer in JSON
+# Schema's sense, and the code takes it as 6
+PRIORITY = {"type": ["integer", "null"], "minimum": 0, "maximum": 9,
+            "description": "0 (first) to 9 (last); null or absent: the default (8 on /sync, 9 on /async); "
+                           "a whole number written as a float (6.0) is taken as 6, any other (6.5) is refused"}
+WEBHOOK = {"type": ["string", "null"], "format": "uri", "maxLength": MAX_WEBHOOK_URL,
+           "description": "http(s) URL the result is POSTed to; null or absent: no webhook"}
+NO_WEBHOOK = {"type": "null", "description": "webhooks are for /async; any other value is refused"}
+
+
+def _data_and_prediction(file_mode: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The schemas of ``data`` in a request and ``prediction`` in an answer, with the limits on data."""
+    if file_mode:
+        return ({"type": "object", "additionalProperties": {"type": "string", "format": "byte"},
+                 # refused (400): a name whose base name is empty, "." or "..", and a NUL character
+                 "propertyNames": {"not": {"pattern": "(^|[/\\\\])\\.{0,2}$|\\u0000"}},
+                 "description": f"file name -> base64 content; a name keeps its base name (path parts are "
+                                f"stripped), at most {MAX_FILE_NAME_BYTES} bytes in UTF-8"},
+                {"type": "object", "description": "keyed by the request's file names"})
+    return ({"type": "array", "items": {}, "description": f"inputs, any JSON values; the request body may nest "
+                                                          f"arrays and objects at most {MAX_JSON_DEPTH} levels deep"},
+            {"type": "array", "items": {}, "description": "one output per input, in order"})
+
+
 def openapi_document(recipe: Recipe) -> dict[str, Any]:
-    if recipe.is_file:
-        data = {"type": "object", "additionalProperties": {"type": "string", "format": "byte"},
-                "description": "file name -> base64 content"}
-        prediction: dict[str, Any] = {"type": "object", "description": "keyed by the request's file names"}
-    else:
-        data = {"type": "array", "items": {}, "description": "inputs, any JSON values"}
-        prediction = {"type": "array", "items": {}, "description": "one output per input, in order"}
-    priority = {"type": "integer", "minimum": 0, "maximum": 9}
+    data, prediction = _data_and_prediction(recipe.is_file)
+    priority, webhook = PRIORITY, WEBHOOK
     failure = _obj({"success": {"type": "boolean", "enum": [False]}, "reason": {"type": "string"}}, ["success", "reason"])
     result = _obj({
         "unique_id": {"type": "string"},
@@ -52,13 +114,17 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
         }},
         "paths": {
-            "/sync": post("Predict and wait for the result", _obj({"data": data, "priority": priority}, ["data"]),
+            "/sync": post("Predict and wait for the result",
+                          _obj({"data": data, "priority": priority, "webhook": NO_WEBHOOK,
+                                "unique_id": NULLABLE_UNIQUE_ID}, ["data"]),
                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}, "prediction": prediction}),
-                          ["400", "401", "413", "429", "500", "503", "504"]),
+                          ["400", "401", "409", "413", "429", "500", "503", "504"]),
+            "/infer": _infer(recipe.is_file),
             "/async": post("Queue a prediction; poll /result or receive a webhook",
-                           _obj({"data": data, "priority": priority, "webhook": {"type": "string", "format": "uri"}}, ["data"]),
+                           _obj({"data": data, "priority": priority, "webhook": webhook, "unique_id": NULLABLE_UNIQUE_ID},
+                                ["data"]),
                            _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}}),
-                           ["400", "401", "413", "429", "503"]),
+                           ["400", "401", "409", "413", "429", "503"]),
             "/result": post("Read a job's status and result", _obj({"unique_id": {"type": "string"}}, ["unique_id"]),
                             result, ["400", "401", "404"]),
             "/cancel": post("Cancel a queued job, or discard the outcome of one being predicted",
@@ -70,5 +136,6 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
             "/ready": get("200 once every stage is loaded and serving, else 503", ["200", "503"]),
             "/meta": get("Recipe, stages, batch sizes, workers and limits", ["200"]),
             "/metrics": get("Prometheus metrics", ["200"]),
+            "/prometheus_metrics": get("Prometheus metrics (the fastDeploy 3.x name of /metrics)", ["200"]),
         },
     }

@@ -85,6 +85,10 @@ class Store(abc.ABC):
         held by another writer), so an API server may write a lone request from its event
         loop; False means nothing was written (the caller then submits with ``block=True``).
         A job's ``origin`` is where its outcome is sent when it finishes.
+
+        A job id the store still holds (queued, running, or finished and not yet expired), or one
+        that ``jobs`` holds twice, raises ``JobExists`` naming those ids, and nothing is written:
+        clients may choose their own ids.
         """
 
     @abc.abstractmethod

@@ -31,20 +31,23 @@ def fair_share(
     """Jobs taken one per lane per round, in the lanes' order, up to ``max_items`` inputs.
 
     ``next_job(lane)`` hands out the lane's next job (None once it has none). At least one
-    job is taken when any lane has one, even if it alone holds more than ``max_items``;
-    taking stops at the first job that would overflow the batch (it stays queued).
+    job is taken when any lane has one, even if it alone holds more than ``max_items``. A
+    lane whose next job would overflow the batch is left for this claim (the job stays
+    queued, first in its lane) while the other lanes go on filling it.
     """
     taken: list[tuple[str, T]] = []
     items = 0
     live = list(lanes)
-    while live:
+    while live and items < max_items:
         still: list[str] = []
         for lane in live:
+            if taken and items >= max_items:
+                break
             job = next_job(lane)
             if job is None:
                 continue
             if taken and items + job.n_items > max_items:
-                return taken
+                continue  # too big for what is left: this lane sits the claim out
             taken.append((lane, job.job))
             items += job.n_items
             still.append(lane)

@@ -19,9 +19,21 @@ CARRIED = b"\x01"  # first byte of a ring that carries outcomes
 
 
 def id_messages(ids: Sequence[str], limit: int) -> list[bytes]:
-    """Newline-separated ids, cut into messages of at most ``limit`` bytes at id boundaries."""
-    per = max(1, limit // 40)
-    return ["\n".join(ids[i : i + per]).encode() for i in range(0, len(ids), per)]
+    """Newline-separated ids, cut into messages of at most ``limit`` bytes at id boundaries
+    (counted, not assumed: a client-chosen id may be up to 128 bytes)."""
+    messages: list[bytes] = []
+    chunk: list[str] = []
+    size = 0
+    for job_id in ids:
+        length = len(job_id.encode()) + 1
+        if chunk and size + length > limit:
+            messages.append("\n".join(chunk).encode())
+            chunk, size = [], 0
+        chunk.append(job_id)
+        size += length
+    if chunk:
+        messages.append("\n".join(chunk).encode())
+    return messages
 
 
 def outcome_entry(job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str],

@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 from fastdeploy.bodies import result_document
-from fastdeploy.errors import SettingsError, StoreUnavailable
+from fastdeploy.errors import JobExists, SettingsError, StoreUnavailable
 from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
 
@@ -189,6 +189,13 @@ local function lane(stage, owner)
   return P_QUEUE .. stage .. ':' .. (owner or '')
 end
 
+-- Take a job out of its lane; a lane left empty leaves the stage's set of lanes.
+local function dequeue(id, stage, owner)
+  local key = lane(stage, owner)
+  redis.call('ZREM', key, id)
+  if redis.call('ZCARD', key) == 0 then redis.call('ZREM', P_LANES .. stage, owner or '') end
+end
+
 local function enqueue(id, stage, priority, seq, owner)
   redis.call('ZADD', lane(stage, owner), tonumber(priority) * SCORE_SCALE + tonumber(seq), id)
   redis.call('ZADD', P_LANES .. stage, 0, owner or '')
@@ -204,7 +211,7 @@ end
 local function finalize(id, now, fields)
   local jk = P_JOB .. id
   local f = redis.call('HMGET', jk, 'stage', 'status', 'worker', 'webhook', 'owner')
-  if f[2] == 'queued' then redis.call('ZREM', lane(f[1], f[5]), id) end
+  if f[2] == 'queued' then dequeue(id, f[1], f[5]) end
   unlease(id, f[3])
   redis.call('HDEL', jk, 'payload', 'lease_until')
   redis.call('HSET', jk, 'worker', '', 'finished', now, unpack(fields))
@@ -237,10 +244,18 @@ end
 """
 
 # ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook, origin, owner) per job;
-# origin: the API server whose /sync request waits for the job ('' when none does)
+# origin: the API server whose /sync request waits for the job ('' when none does).
+# Returns the count, or (writing nothing) the ids already held or repeated: the caller's JobExists.
 _LUA_SUBMIT = """
 local now = ARGV[A]
 local count = (#ARGV - A) / 8
+local taken, seen = {}, {}
+for i = A + 1, #ARGV, 8 do
+  local id = ARGV[i]
+  if seen[id] or redis.call('EXISTS', P_JOB .. id) == 1 then taken[#taken + 1] = id end
+  seen[id] = true
+end
+if #taken > 0 then return taken end
 local last = redis.call('INCRBY', K_SEQ, count)
 local seq = last - count
 for i = A + 1, #ARGV, 8 do
@@ -301,18 +316,14 @@ local function next_job(owner)
 end
 
 local live = lanes
-local full = false
-while #live > 0 and not full do
+while #live > 0 and items < max_items do
   local still = {}
   for _, owner in ipairs(live) do
+    if taken > 0 and items >= max_items then break end
     local id, f = next_job(owner)
-    if id then
-      local n = tonumber(f[3])
-      if taken > 0 and items + n > max_items then
-        full = true
-        break
-      end
-      redis.call('ZREM', lane(stage, owner), id)
+    local n = id and tonumber(f[3])
+    if id and not (taken > 0 and items + n > max_items) then  -- a job too big for what is left: its lane sits out
+      dequeue(id, stage, owner)
       redis.call('HSET', P_JOB .. id, 'status', 'processing', 'worker', worker, 'lease_until', lease_until)
       redis.call('ZADD', K_LEASED, lease_until, id)
       redis.call('SADD', P_HELD .. worker, id)
@@ -352,7 +363,7 @@ for i = A + 1, #ARGV, 5 do
   local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin', 'owner')
   if (f[1] == 'processing' or f[1] == 'queued') and f[2] == stage then
     if kind == 'next' then
-      if f[1] == 'queued' then redis.call('ZREM', lane(stage, f[7]), id) end
+      if f[1] == 'queued' then dequeue(id, stage, f[7]) end
       unlease(id, f[3])
       local nxt = tostring(tonumber(stage) + 1)
       redis.call('HDEL', jk, 'lease_until')
@@ -658,7 +669,9 @@ class RedisStore(Store):
             deadline = "" if job.deadline is None else repr(float(job.deadline))
             args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "",
                      job.origin or "", job.owner]
-        self._run(self._submit, *args)
+        taken = self._run(self._submit, *args)
+        if isinstance(taken, list):  # ids the store holds (or the batch repeats): nothing was written
+            raise JobExists([_text(i) for i in taken])
         return True
 
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:

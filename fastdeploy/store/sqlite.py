@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from fastdeploy.bodies import result_document
-from fastdeploy.errors import StoreUnavailable
+from fastdeploy.errors import JobExists, StoreUnavailable
 from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
 from fastdeploy.store.fairness import WeighedJob, fair_share
@@ -96,12 +96,28 @@ _RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoin
 
 
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
+_OUTAGE_WARN_SECONDS = 60.0  # while the store keeps failing the same way, a warning this often
 MAX_LANES = 64  # owners one claim takes turns between (the next claim goes on from there)
-# the first queued jobs of one lane (stage and owner), in the order its owner chose
+# the queued jobs of one lane (stage and owner), in the order its owner chose: from the
+# head, then on from a (priority, seq) already read; each is one seek in jobs_lanes
+_LANE_COLUMNS = "SELECT seq, id, payload, n_items, deadline, webhook, priority FROM jobs"
 _LANE_HEAD = (
-    "SELECT seq, id, payload, n_items, deadline, webhook, priority FROM jobs"
-    " WHERE status = 'queued' AND stage = ?1 AND owner = ?2 AND (priority, seq) > (?3, ?4)"
-    " ORDER BY priority, seq LIMIT ?5"
+    f"{_LANE_COLUMNS} WHERE status = 'queued' AND stage = ?1 AND owner = ?2 ORDER BY priority, seq LIMIT ?3"
+)
+_LANE_SAME_PRIORITY = (
+    f"{_LANE_COLUMNS} WHERE status = 'queued' AND stage = ?1 AND owner = ?2 AND priority = ?3 AND seq > ?4"
+    " ORDER BY seq LIMIT ?5"
+)
+_LANE_LATER_PRIORITY = (
+    f"{_LANE_COLUMNS} WHERE status = 'queued' AND stage = ?1 AND owner = ?2 AND priority > ?3"
+    " ORDER BY priority, seq LIMIT ?4"
+)
+# the first and last owner with queued jobs at a stage (two seeks), and the lane the last
+# claim ended with: when first and last are the same owner, that lane is the only one
+_SPAN = (
+    "SELECT (SELECT MIN(owner) FROM jobs WHERE status = 'queued' AND stage = ?1),"
+    " (SELECT MAX(owner) FROM jobs WHERE status = 'queued' AND stage = ?1),"
+    " (SELECT owner FROM turns WHERE stage = ?1)"
 )
 # the owners with queued jobs at a stage, in turn: those after the lane the last claim ended
 # with, then from the start up to it. Each step is one seek in the jobs_lanes index.
@@ -144,14 +160,18 @@ class _Row:
 
 
 class _LanePicker:
-    """Reads each lane's next job for one claim, in its owner's order; sets timed-out jobs aside."""
+    """Reads each lane's next job for one claim, in its owner's order; sets timed-out jobs aside.
 
-    _END = (-2, -2)  # a lane read to its end
+    A lane is read a page at a time: at first its share of the batch, doubling (up to the
+    batch size) whenever the claim wants more of it, so many lanes cost little each.
+    """
 
-    def __init__(self, db: sqlite3.Connection, stage: int, limit: int, now: float) -> None:
+    def __init__(self, db: sqlite3.Connection, stage: int, limit: int, lanes: int, now: float) -> None:
         self._db, self._stage, self._limit, self._now = db, stage, limit, now
+        self._first_page = max(1, -(-limit // max(1, lanes)))  # ceil(limit / lanes)
         self._read: dict[str, list[tuple]] = {}  # rows read and not yet handed out, per lane
-        self._after: dict[str, tuple[int, int]] = {}  # (priority, seq) of the last row read, per lane
+        self._after: dict[str, Optional[tuple[int, int]]] = {}  # (priority, seq) of the last row read; None: done
+        self._page: dict[str, int] = {}
         self.timed_out: list[tuple[str, Optional[str]]] = []
 
     def next_job(self, owner: str) -> Optional[WeighedJob[_Row]]:
@@ -167,17 +187,20 @@ class _LanePicker:
             return WeighedJob(n_items, _Row(seq, job_id, payload, n_items, deadline, self._stage))
 
     def _fetch(self, owner: str) -> list[tuple]:
-        after = self._after.get(owner, (-1, -1))
-        if after == self._END:
-            return []
-        rows = self._db.execute(_LANE_HEAD, (self._stage, owner, *after, self._limit)).fetchall()
-        self._after[owner] = (rows[-1][6], rows[-1][0]) if len(rows) == self._limit else self._END
+        if owner in self._after and self._after[owner] is None:
+            return []  # read to its end
+        page = self._page.get(owner, self._first_page)
+        after = self._after.get(owner)
+        if after is None:
+            rows = self._db.execute(_LANE_HEAD, (self._stage, owner, page)).fetchall()
+        else:
+            rows = self._db.execute(_LANE_SAME_PRIORITY, (self._stage, owner, *after, page)).fetchall()
+            if len(rows) < page:
+                rows += self._db.execute(_LANE_LATER_PRIORITY, (self._stage, owner, after[0], page - len(rows))).fetchall()
+        self._after[owner] = (rows[-1][6], rows[-1][0]) if len(rows) == page else None
+        self._page[owner] = min(2 * page, self._limit)
         self._read[owner] = rows
         return rows
-
-    def previous_turn(self) -> Optional[str]:
-        row = self._db.execute("SELECT owner FROM turns WHERE stage = ?", (self._stage,)).fetchone()
-        return None if row is None else row[0]
 
     def claimed(self, row: _Row) -> ClaimedJob:
         payload = row.payload
@@ -223,6 +246,7 @@ class SQLiteStore(Store):
     beside the one writer, and ``BEGIN IMMEDIATE`` makes every write atomic."""
 
     backend_errors = (sqlite3.Error, OSError)
+    _outage: tuple[str, float] = ("", float("-inf"))  # the failure last warned about, and when
 
     def __init__(self, state_dir: Path) -> None:
         try:
@@ -252,8 +276,18 @@ class SQLiteStore(Store):
         if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError)):
             log.error("the job store failed in %s (a bug, not the disk)", operation, exc_info=exc)
         else:
-            log.warning("the job store %s failed in %s: %s", self.path, operation, exc)
+            self._say_outage(operation, exc)
         return StoreUnavailable(f"the job store {self.path.name} failed: {exc}")
+
+    def _say_outage(self, operation: str, exc: BaseException) -> None:
+        """Warn when the store starts failing or fails anew, then once a minute at most: a full disk fails
+        every write of every request, and a line each would flood the log (often kept on that disk)."""
+        now = time.monotonic()
+        said, at = self._outage
+        level = logging.DEBUG
+        if str(exc) != said or now - at >= _OUTAGE_WARN_SECONDS:
+            level, self._outage = logging.WARNING, (str(exc), now)
+        log.log(level, "the job store %s failed in %s: %s", self.path, operation, exc)
 
     # -- plumbing -------------------------------------------------------------
     def _connect(self, timeout: float = 0.0) -> sqlite3.Connection:
@@ -360,6 +394,33 @@ class SQLiteStore(Store):
         return True
 
     def _insert(self, jobs: Sequence[NewJob], wait: bool) -> None:
+        """Insert the jobs, or none of them: a job id the store holds (a client may choose its
+        own) is JobExists, naming every such id, not a store failure."""
+        try:
+            self._insert_rows(jobs, wait)
+        except sqlite3.IntegrityError:
+            taken = self._taken_ids(jobs)
+            if not taken:
+                raise  # not an id in use: a bug, reported as such by the guard
+            raise JobExists(taken) from None
+
+    def _taken_ids(self, jobs: Sequence[NewJob]) -> list[str]:
+        """Ids of ``jobs`` the store already holds, or that ``jobs`` holds twice."""
+        ids = [j.id for j in jobs]
+        held: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            held.update(r[0] for r in self._read(f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                                                  chunk))
+        seen: set[str] = set()
+        taken: list[str] = []
+        for job_id in ids:
+            if (job_id in held or job_id in seen) and job_id not in taken:
+                taken.append(job_id)
+            seen.add(job_id)
+        return taken
+
+    def _insert_rows(self, jobs: Sequence[NewJob], wait: bool) -> None:
         now = time.time()
         with self._write(wait=wait) as db:
             db.executemany(
@@ -433,8 +494,14 @@ class SQLiteStore(Store):
     def claim(self, stage: int, max_items: int, worker_id: str, lease_seconds: float) -> list[ClaimedJob]:
         now = time.time()
         with self._write() as db:
-            lanes = [row[0] for row in db.execute(_LANES, (stage, MAX_LANES)).fetchall()][:MAX_LANES]
-            picker = _LanePicker(db, stage, max(1, max_items), now)
+            first, last_lane, turn = db.execute(_SPAN, (stage,)).fetchone()
+            if first is None:
+                return []  # nothing queued at this stage
+            if first == last_lane:
+                lanes = [first]
+            else:
+                lanes = [row[0] for row in db.execute(_LANES, (stage, MAX_LANES)).fetchall()][:MAX_LANES]
+            picker = _LanePicker(db, stage, max(1, max_items), len(lanes), now)
             taken = fair_share(lanes, picker.next_job, max_items)
             if taken:
                 marks = ",".join("?" * len(taken))
@@ -443,7 +510,7 @@ class SQLiteStore(Store):
                     (worker_id, now + lease_seconds, *(job.seq for _, job in taken)),
                 )
                 last = taken[-1][0]
-                if last != picker.previous_turn():
+                if last != turn:
                     db.execute("INSERT INTO turns (stage, owner) VALUES (?, ?)"
                                " ON CONFLICT(stage) DO UPDATE SET owner = excluded.owner", (stage, last))
             for job_id, webhook in picker.timed_out:

@@ -172,7 +172,7 @@ def test_hosts_with_different_secrets_fail_chain_jobs_with_the_hint(redis_url):
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("command", ["run", "serve", "worker"])
+@pytest.mark.parametrize("command", ["run", "worker"])
 def test_a_chain_on_a_broker_does_not_start_without_a_secret(redis_url, tmp_path, command):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
     env["FASTDEPLOY_STATE_DIR"] = str(tmp_path / "state")
@@ -186,6 +186,21 @@ def test_a_chain_on_a_broker_does_not_start_without_a_secret(redis_url, tmp_path
     assert lines[0].startswith("fastdeploy: error: ") and "--store-secret" in lines[0]
     assert "FASTDEPLOY_STORE_SECRET" in lines[0]
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.redis
+def test_api_servers_of_a_chain_need_no_store_secret(redis_url):
+    # they never sign or read stage payloads: the secret stays on the hosts that run loops
+    with serve(CHAIN, command="serve", args=["--broker", redis_url], ready=False) as api:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if api.get("/health").status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert api.proc.poll() is None and time.monotonic() < deadline, api.log()
+            time.sleep(0.1)
 
 
 def test_a_short_secret_is_refused_and_a_secret_flag_is_warned_about(tmp_path):

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 import orjson
+import pytest
 
 from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, Store
@@ -518,3 +519,52 @@ def test_requeued_and_next_stage_jobs_stay_in_their_owners_lane(store):
     store.finish([Outcome("a", 0, payload=b"next", n_items=1)], "w2")
     (moved,) = store.claim(1, 8, "w3", 30)
     assert moved.id == "a" and store.queue_depths(2) == [0, 0] and store.unfinished() == 2
+
+
+# -- client-chosen ids: an id the store holds is JobExists, never a store failure -------
+def test_an_id_in_use_is_refused_and_nothing_of_the_batch_is_written(store):
+    from fastdeploy.errors import JobExists, StoreUnavailable
+
+    store.submit([job("client:42")])
+    with pytest.raises(JobExists) as refused:
+        store.submit([job("fresh-1"), job("client:42"), job("fresh-2")])
+    assert refused.value.ids == ("client:42",) and refused.value.status == 409
+    assert not isinstance(refused.value, StoreUnavailable)
+    assert set(store.get(["fresh-1", "client:42", "fresh-2"])) == {"client:42"}  # all or nothing
+    store.submit([job("fresh-1"), job("fresh-2")])  # the rest go through on their own
+    assert store.unfinished() == 3
+
+
+def test_an_id_twice_in_one_batch_is_refused(store):
+    from fastdeploy.errors import JobExists
+
+    with pytest.raises(JobExists) as refused:
+        store.submit([job("twice"), job("other"), job("twice")])
+    assert refused.value.ids == ("twice",)
+    assert store.get(["twice", "other"]) == {}
+
+
+def test_an_id_stays_in_use_until_its_result_expires(store):
+    from fastdeploy.errors import JobExists
+
+    store.submit([job("kept")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("kept")], "w1")
+    with pytest.raises(JobExists):
+        store.submit([job("kept")])  # finished, result still readable: still in use
+    store.maintain(time.time() + 10, result_ttl=1, worker_timeout=FAR)
+    assert store.get(["kept"]) == {}
+    store.submit([job("kept")])  # expired: free again
+    assert store.get(["kept"])["kept"].status is JobStatus.QUEUED
+
+
+def test_a_non_blocking_submit_reports_an_id_in_use_too(store):
+    from fastdeploy.errors import JobExists
+
+    store.submit([job("nb")])
+    try:
+        written = store.submit([job("nb")], block=False)
+    except JobExists as exc:
+        assert exc.ids == ("nb",)
+    else:
+        assert written is False  # a store that never writes from the event loop says so

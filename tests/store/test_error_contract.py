@@ -38,7 +38,7 @@ def public_calls(store: Store) -> dict[str, Callable[[], Any]]:
     """Every public method of the store contract, called with plausible arguments."""
     info = WorkerInfo("w", 0, "host", 1, 4, True, time.time(), {"items": 1})
     return {
-        "submit": lambda: store.submit([NewJob("b", encode_inputs([1]), 1, 9)]),
+        "submit": lambda: store.submit([NewJob("fresh", encode_inputs([1]), 1, 9)]),
         "get": lambda: store.get(["a"]),
         "unfinished": store.unfinished,
         "queue_depths": lambda: store.queue_depths(2),

@@ -25,9 +25,10 @@ def test_one_job_per_lane_per_round_in_the_lanes_order():
     assert [job for _, job in taken] == ["b0", "a0", "c0", "b1", "a1", "b2", "a2"]
 
 
-def test_a_job_that_would_overflow_the_batch_ends_the_claim():
-    taken = fair_share(["a", "b"], lanes_of(a=[2, 2], b=[3]), 4)
-    assert [job for _, job in taken] == ["a0"]  # b0 (3 inputs) does not fit beside a0 (2)
+def test_a_lane_whose_job_would_overflow_the_batch_sits_out_while_others_fill_it():
+    taken = fair_share(["a", "b", "c"], lanes_of(a=[2, 2], b=[3], c=[1, 1]), 4)
+    # b0 (3 inputs) does not fit beside a0 (2); a1 does not fit beside a0 + c0 + c1... c goes on
+    assert [job for _, job in taken] == ["a0", "c0", "c1"]
 
 
 def test_an_oversized_first_job_is_still_taken_alone():
