@@ -1,7 +1,7 @@
 """One-command benchmark: our fastDeploy vs fastDeploy 3.1.1 vs LitServe 0.2.19.
 
     python bench/run.py [--quick] [--systems ours,ours-rawbatch,fd311,litserve]
-                        [--workloads w1,w2,w3,w4] [--venv-root DIR] [--engine auto|wrk|asyncio]
+                        [--workloads w1,w1i,w2,w3,w4] [--venv-root DIR] [--engine auto|wrk|asyncio]
 
 Workload by workload: time the raw predictor (W3/W4, in a fresh process), then
 for each system start it on 127.0.0.1 on a free port, wait until it answers,
@@ -59,13 +59,14 @@ def run_system_workload(system, wl, quick, timing, engine, run_dir, repeat=1, ct
         srv.wait_ready(timeout=180 if not quick else 120)
         startup_s = time.time() - t_start
         body = wl.body()
-        srv.probe(body, wl.items_per_request, wl.content_type)
+        url = srv.url_for(wl.path) if wl.path else srv.url  # W1I: /infer on every system
+        srv.probe(body, wl.items_per_request, wl.content_type, url, wl.decode_answer, wl.expect)
         idle = srv.rss_sampler()
         idle_mb = idle.sample_once() / 2**20
         idle_roles = {k: round(v / 2**20, 1) for k, v in idle.last_roles.items()}
         config = {"settings": {k: v for k, v in settings.items() if k != "recipe"},
                   "recipe": os.path.relpath(settings["recipe"], os.path.dirname(BENCH)),
-                  "startup_s": round(startup_s, 2)}
+                  "url": url, "startup_s": round(startup_s, 2)}
         if system.key == "fd311":
             config["batch_size"] = systems.FastDeploy311.chosen_batch_size(srv)
         elif system.key.startswith("ours"):
@@ -81,7 +82,7 @@ def run_system_workload(system, wl, quick, timing, engine, run_dir, repeat=1, ct
                 raise RuntimeError("%s died\n%s" % (system.key, srv.log_tail()))
             before = srv.batch_stats()
             with srv.rss_sampler() as rss:
-                runs = [loadgen.run_load(srv.url, body, clients, timing["duration"], timing["warmup"],
+                runs = [loadgen.run_load(url, body, clients, timing["duration"], timing["warmup"],
                                          wl.items_per_request, engine, wl.content_type)
                         for _ in range(max(1, repeat))]
             after = srv.batch_stats()
@@ -355,6 +356,7 @@ def main(argv=None):
                                    "clients": wl.clients_for(a.quick),
                                    "items_per_request": wl.items_per_request,
                                    "body_bytes": len(wl.body()),
+                                   "path": wl.path, "content_type": wl.content_type,
                                    "skip": wl.skip or None}
     # the model workloads' requirements (torch first), installed into the peers' venvs
     requirements = []

@@ -20,6 +20,9 @@ The time each stop took is recorded (Server.stop() returns it).
   litserve  LitServe 0.2.19 from PyPI in its own venv, serving the recipe
             through bench/peers/litserve/server.py; ready when GET /health is
             200; POST /predict {"data": [...]}
+
+A workload with a `path` (W1I: /infer, the fastDeploy 3.x protocol) is POSTed
+there instead of the system's own endpoint (Server.url_for).
 """
 import contextlib
 import json
@@ -32,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import loadgen
 
@@ -120,14 +124,26 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("%s not ready after %.0fs\n%s" % (self.system, timeout, self.log_tail()))
 
-    def probe(self, body, items, content_type="application/json"):
-        """One request: checks the answer is 200, success true, one output per input."""
-        status, resp = http("POST", self.url, body, content_type, timeout=30.0)
+    def url_for(self, path):
+        """This server's URL for `path` ("/infer?..."), in place of its own endpoint."""
+        u = urlsplit(self.url)
+        return "%s://%s%s" % (u.scheme, u.netloc, path)
+
+    def probe(self, body, items, content_type="application/json", url=None, decode=None, expect=None):
+        """One request (to `url`, default the system's endpoint): checks the answer is 200,
+        success true, one output per input, and the prediction is `expect` when given.
+        decode(bytes) -> document reads an answer that is not plain JSON."""
+        status, resp = http("POST", url or self.url, body, content_type, timeout=30.0)
         if status != 200:
             raise RuntimeError("%s probe: HTTP %s %r" % (self.system, status, resp[:300]))
-        data = json.loads(resp)
+        try:
+            data = (decode or json.loads)(resp)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a bad answer
+            raise RuntimeError("%s probe: undecodable answer (%s) %r" % (self.system, e, resp[:300]))
         if data.get("success") is not True or len(data.get("prediction") or []) != items:
-            raise RuntimeError("%s probe: unexpected answer %r" % (self.system, resp[:300]))
+            raise RuntimeError("%s probe: unexpected answer %r" % (self.system, data if decode else resp[:300]))
+        if expect is not None and data["prediction"] != expect:
+            raise RuntimeError("%s probe: prediction %r, expected %r" % (self.system, data["prediction"], expect))
         return data
 
     def _roots(self):

@@ -16,7 +16,10 @@ run context {"raw": the raw-predictor row of this run or None, "cores": N}):
   args    extra command-line arguments (LitServe server script)
   note    free text shown in results.json
 Workload.skip[<system>] = reason: the system is not run on this workload and the
-table shows the reason instead.
+table shows the reason instead.  Workload.path (e.g. "/infer?..."), when set,
+replaces every system's own endpoint (/sync, /predict) for the probe and the
+load; Workload.decode_answer (bytes -> answer document) and .expect (the
+prediction) are what the probe checks when the answer is not plain JSON.
 
 The model workloads (W3 MiniLM, W4 VAD) serve the recipes in recipes/ with
 every system (same predictor.py, same example.py), need the recipes'
@@ -33,7 +36,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+import msgpack  # W1I: the fastDeploy 3.x protocol (both are dependencies of fastdeploy)
+import zstandard
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -91,6 +97,12 @@ class Workload:
     raw: Optional[dict] = None
     # pip install steps every environment needs (see MODEL_REQUIREMENTS)
     requirements: List[dict] = field(default_factory=list)
+    # path and query POSTed to on every system instead of its own endpoint (/sync, /predict)
+    path: Optional[str] = None
+    # how the probe reads an answer (bytes -> {"success", "prediction", ...}); JSON when None
+    decode_answer: Optional[Callable[[bytes], dict]] = None
+    # the prediction the probe must get back (checked when not None)
+    expect: Optional[Any] = None
 
     def body(self):
         if not hasattr(self, "_body"):  # built once: W4's is a base64 WAV file
@@ -150,6 +162,56 @@ W1 = Workload(
                     "2 uvicorn API servers",
         },
     },
+)
+
+
+# --------------------------------------------------------------------------- #
+# W1I echo over the fastDeploy 3.x protocol: what fdclient 3.1.2 sends
+# --------------------------------------------------------------------------- #
+# FDClient(url, request_timeout=10).infer(["hello"]) against a server whose /meta says
+# pickle is off (both here): msgpack.packb(data, use_bin_type=True), compressed by
+# zstandard.ZstdCompressor(level=-1) (16 bytes), Content-Type application/octet-stream,
+# POST /infer?unique_id=<uuid4>&async=False&input_type=msgpack&compressed=True&timeout=10
+# (requests' encoding of its params, in that order).  The load generator sends one fixed
+# request, so unique_id is left out: both servers then make a fresh id per request (3.1.1:
+# uuid4, ours: its own), so every request still has an id of its own, as with fdclient;
+# one id repeated would be refused (ours: 409) or mix answers up (3.1.1 keys waiting
+# requests by it).
+W1I_INPUTS = ["hello"]
+W1I_PATH = "/infer?async=False&input_type=msgpack&compressed=True&timeout=10"
+
+
+def _w1i_body():
+    return zstandard.ZstdCompressor(level=-1).compress(msgpack.packb(W1I_INPUTS, use_bin_type=True))
+
+
+def _w1i_answer(data):
+    """The 3.x answer as fdclient reads it: zstd, then msgpack; the server must have made an id."""
+    document = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(data), raw=False)
+    if not isinstance(document, dict):
+        raise ValueError("not a map: %r" % (document,))
+    if document.get("success") is True and not (isinstance(document.get("unique_id"), str)
+                                                and document["unique_id"]):
+        raise ValueError("no unique_id in the answer: %r" % (document,))
+    return document
+
+
+W1I = Workload(
+    key="w1i",
+    name="echo-3x",
+    description="W1 echo over the fastDeploy 3.x protocol: fdclient 3.1.2's body for infer([\"hello\"]) "
+                "(msgpack, zstd) on POST %s, Content-Type application/octet-stream" % W1I_PATH,
+    make_body=_w1i_body,
+    items_per_request=1,
+    clients=[1, 16, 64],
+    clients_quick=[1, 16, 64],
+    content_type="application/octet-stream",
+    path=W1I_PATH,
+    decode_answer=_w1i_answer,
+    expect=W1I_INPUTS,
+    # the same recipes and settings as W1 (3.1.1 serves /infer natively)
+    systems={"ours": W1.systems["ours"], "fd311": W1.systems["fd311"]},
+    skip={"litserve": "LitServe has no /infer (no fastDeploy 3.x protocol): it serves /predict only"},
 )
 
 
@@ -406,4 +468,4 @@ W4 = Workload(
 )
 
 
-WORKLOADS = {w.key: w for w in (W1, W2, W3, W4)}
+WORKLOADS = {w.key: w for w in (W1, W1I, W2, W3, W4)}

@@ -26,7 +26,7 @@ import email.utils
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Generator, Generic, Mapping, NamedTuple, Optional, Sequence, TypeVar, Union, cast
 
 import httpx
 import orjson
@@ -40,6 +40,7 @@ FIRST_POLL = 0.05  # seconds between the first /result polls of wait(); grows 1.
 LAST_POLL = 2.0  # the longest pause between two polls
 MIN_POLL_BUDGET = 0.5  # seconds the last poll of wait() may take, however little of its timeout is left
 _OUTCOME_STATUS = {"failed": 500, "cancelled": 409}  # what /sync answers for a job that ended so
+T = TypeVar("T")
 
 
 class PredictionError(Exception):
@@ -148,8 +149,94 @@ def _outcome(document: dict[str, Any], unique_id: str) -> tuple[bool, Any]:
     return False, None
 
 
+# -- the calls as plans: every decision made once, the I/O left to each client ------------
+# A plan is a generator that yields the I/O steps it needs (a POST, a pause) and is sent
+# each step's outcome; what it returns is the call's result. ``Client`` carries out the
+# steps with blocking calls, ``AsyncClient`` with coroutines: nothing else differs.
+class _Post(NamedTuple):
+    """A step: POST ``body`` to ``path``, waiting at most ``timeout`` seconds for the answer."""
+
+    path: str
+    body: bytes
+    timeout: float
+
+
+class _Sleep(NamedTuple):
+    """A step: pause ``seconds``."""
+
+    seconds: float
+
+
+class _Done(Generic[T]):
+    """The end of a plan: what it returned."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+_Step = Union[_Post, _Sleep]
+_Reply = Union[httpx.Response, httpx.TransportError, None]  # a POST's answer or failure; None after a pause
+_Plan = Generator[_Step, Optional[httpx.Response], T]
+
+
+def _resume(plan: _Plan[T], reply: _Reply) -> Union[_Step, _Done[T]]:
+    """Hand ``plan`` its last step's outcome (a transport error is raised where it yielded the
+    step; None starts it): its next step, or ``_Done`` with what it returned."""
+    try:
+        if isinstance(reply, httpx.TransportError):
+            return plan.throw(reply)
+        return plan.send(reply)
+    except StopIteration as done:
+        return _Done(done.value)
+
+
+def _post_plan(url: str, path: str, body: bytes, budget: float) -> _Plan[dict[str, Any]]:
+    """POST ``body`` to ``path``: the answer's document; 503 and 429 are tried again after their
+    Retry-After while the ``budget`` (seconds) lasts."""
+    deadline = time.monotonic() + budget
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer from {url}{path} within the call's timeout of {budget:g} s")
+        try:
+            response = cast(httpx.Response, (yield _Post(path, body, left)))
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, url + path, budget) from exc
+        delay = _retry_after(response, deadline)
+        if delay is None:
+            return _document(response)
+        yield _Sleep(delay)
+
+
+def _result_plan(url: str, unique_id: str, budget: float) -> _Plan[dict[str, Any]]:
+    """The job's /result document."""
+    return _post_plan(url, "/result", orjson.dumps({"unique_id": unique_id}), budget)
+
+
+def _wait_plan(url: str, unique_id: str, budget: float) -> _Plan[Any]:
+    """Poll /result, with growing pauses, until the job ends: its prediction; PredictionError if
+    it failed or was cancelled, TimeoutError after ``budget`` seconds."""
+    deadline = time.monotonic() + budget
+    pause = FIRST_POLL
+    while True:
+        left = deadline - time.monotonic()
+        document = yield from _result_plan(url, unique_id, max(left, MIN_POLL_BUDGET))
+        finished, prediction = _outcome(document, unique_id)
+        if finished:
+            return prediction
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"job {unique_id} is still {document.get('status')} after {budget:g} s; "
+                               "wait again, or read it later with result()")
+        yield _Sleep(min(pause, left))
+        pause = min(pause * 1.5, LAST_POLL)
+
+
 class _Base:
-    """Settings of a client: where, with which key, and the default time budget of a call."""
+    """Settings of a client (where, with which key, the default time budget of a call), and the
+    plan of each of its methods."""
 
     def __init__(self, url: str, api_key: Optional[str], timeout: float) -> None:
         if timeout <= 0:
@@ -161,8 +248,15 @@ class _Base:
     def _budget(self, timeout: Optional[float]) -> float:
         return self.timeout if timeout is None else float(timeout)
 
-    def _timed_out(self, path: str, budget: float) -> TimeoutError:
-        return TimeoutError(f"no answer from {self.url}{path} within the call's timeout of {budget:g} s")
+    def _predict_plan(self, inputs: Inputs, priority: Optional[int], unique_id: Optional[str],
+                      timeout: Optional[float]) -> _Plan[dict[str, Any]]:
+        """POST /sync."""
+        return _post_plan(self.url, "/sync", _body(inputs, priority, None, unique_id), self._budget(timeout))
+
+    def _submit_plan(self, inputs: Inputs, webhook: Optional[str], priority: Optional[int],
+                     unique_id: Optional[str], timeout: Optional[float]) -> _Plan[dict[str, Any]]:
+        """POST /async."""
+        return _post_plan(self.url, "/async", _body(inputs, priority, webhook, unique_id), self._budget(timeout))
 
 
 class Client(_Base):
@@ -176,58 +270,44 @@ class Client(_Base):
     def predict(self, inputs: Sequence[Any], *, priority: Optional[int] = None, unique_id: Optional[str] = None,
                 timeout: Optional[float] = None) -> list[Any]:
         """Predict and wait (POST /sync): one output per input, in order."""
-        return self._call("/sync", _body(inputs, priority, None, unique_id), timeout)["prediction"]
+        return self._run(self._predict_plan(inputs, priority, unique_id, timeout))["prediction"]
 
     def predict_files(self, files: Mapping[str, FileLike], *, priority: Optional[int] = None,
                       unique_id: Optional[str] = None, timeout: Optional[float] = None) -> dict[str, Any]:
         """Predict on files (a FILE recipe): name -> path or bytes in, name -> output out."""
-        return self._call("/sync", _body(files, priority, None, unique_id), timeout)["prediction"]
+        return self._run(self._predict_plan(files, priority, unique_id, timeout))["prediction"]
 
     def submit(self, inputs: Inputs, webhook: Optional[str] = None, priority: Optional[int] = None, *,
                unique_id: Optional[str] = None, timeout: Optional[float] = None) -> str:
         """Queue a prediction (POST /async) and return its unique_id at once; a mapping is files."""
-        return str(self._call("/async", _body(inputs, priority, webhook, unique_id), timeout)["unique_id"])
+        return str(self._run(self._submit_plan(inputs, webhook, priority, unique_id, timeout))["unique_id"])
 
     def result(self, unique_id: str, *, timeout: Optional[float] = None) -> dict[str, Any]:
         """The job's /result document (status, and prediction or reason once it has ended);
         PredictionError 404 when the id is unknown or its result expired."""
-        return self._call("/result", orjson.dumps({"unique_id": unique_id}), timeout)
+        return self._run(_result_plan(self.url, unique_id, self._budget(timeout)))
 
     def wait(self, unique_id: str, timeout: Optional[float] = None) -> Any:
         """Poll /result, with growing pauses, until the job ends: its prediction, or
         PredictionError if it failed or was cancelled; TimeoutError after ``timeout`` seconds."""
-        budget = self._budget(timeout)
-        deadline = time.monotonic() + budget
-        pause = FIRST_POLL
-        while True:
-            left = deadline - time.monotonic()
-            document = self.result(unique_id, timeout=max(left, MIN_POLL_BUDGET))
-            finished, prediction = _outcome(document, unique_id)
-            if finished:
-                return prediction
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"job {unique_id} is still {document.get('status')} after {budget:g} s; "
-                                   "wait again, or read it later with result()")
-            time.sleep(min(pause, left))
-            pause = min(pause * 1.5, LAST_POLL)
+        return self._run(_wait_plan(self.url, unique_id, self._budget(timeout)))
 
-    def _call(self, path: str, body: bytes, timeout: Optional[float]) -> dict[str, Any]:
-        """POST ``body``; 503 and 429 are tried again after their Retry-After while the budget lasts."""
-        budget = self._budget(timeout)
-        deadline = time.monotonic() + budget
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timed_out(path, budget)
-            try:
-                response = self._http.post(path, content=body, timeout=left)
-            except httpx.TransportError as exc:
-                raise _transport_error(exc, self.url + path, budget) from exc
-            delay = _retry_after(response, deadline)
-            if delay is None:
-                return _document(response)
-            time.sleep(delay)
+    def _run(self, plan: _Plan[T]) -> T:
+        """Carry out ``plan``'s steps with blocking calls: what it returns."""
+        step = _resume(plan, None)
+        while not isinstance(step, _Done):
+            step = _resume(plan, self._perform(step))
+        return step.value
+
+    def _perform(self, step: _Step) -> _Reply:
+        """One step, blocking: the POST's answer (or the transport error it met); None after a pause."""
+        if isinstance(step, _Sleep):
+            time.sleep(step.seconds)
+            return None
+        try:
+            return self._http.post(step.path, content=step.body, timeout=step.timeout)
+        except httpx.TransportError as exc:
+            return exc
 
     def close(self) -> None:
         self._http.close()
@@ -250,57 +330,43 @@ class AsyncClient(_Base):
     async def predict(self, inputs: Sequence[Any], *, priority: Optional[int] = None,
                       unique_id: Optional[str] = None, timeout: Optional[float] = None) -> list[Any]:
         """Predict and wait (POST /sync): one output per input, in order."""
-        return (await self._call("/sync", _body(inputs, priority, None, unique_id), timeout))["prediction"]
+        return (await self._run(self._predict_plan(inputs, priority, unique_id, timeout)))["prediction"]
 
     async def predict_files(self, files: Mapping[str, FileLike], *, priority: Optional[int] = None,
                             unique_id: Optional[str] = None, timeout: Optional[float] = None) -> dict[str, Any]:
         """Predict on files (a FILE recipe): name -> path or bytes in, name -> output out."""
-        return (await self._call("/sync", _body(files, priority, None, unique_id), timeout))["prediction"]
+        return (await self._run(self._predict_plan(files, priority, unique_id, timeout)))["prediction"]
 
     async def submit(self, inputs: Inputs, webhook: Optional[str] = None, priority: Optional[int] = None, *,
                      unique_id: Optional[str] = None, timeout: Optional[float] = None) -> str:
         """Queue a prediction (POST /async) and return its unique_id at once; a mapping is files."""
-        return str((await self._call("/async", _body(inputs, priority, webhook, unique_id), timeout))["unique_id"])
+        return str((await self._run(self._submit_plan(inputs, webhook, priority, unique_id, timeout)))["unique_id"])
 
     async def result(self, unique_id: str, *, timeout: Optional[float] = None) -> dict[str, Any]:
         """The job's /result document; PredictionError 404 when the id is unknown or expired."""
-        return await self._call("/result", orjson.dumps({"unique_id": unique_id}), timeout)
+        return await self._run(_result_plan(self.url, unique_id, self._budget(timeout)))
 
     async def wait(self, unique_id: str, timeout: Optional[float] = None) -> Any:
         """Poll /result, with growing pauses, until the job ends: its prediction, or
         PredictionError if it failed or was cancelled; TimeoutError after ``timeout`` seconds."""
-        budget = self._budget(timeout)
-        deadline = time.monotonic() + budget
-        pause = FIRST_POLL
-        while True:
-            left = deadline - time.monotonic()
-            document = await self.result(unique_id, timeout=max(left, MIN_POLL_BUDGET))
-            finished, prediction = _outcome(document, unique_id)
-            if finished:
-                return prediction
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"job {unique_id} is still {document.get('status')} after {budget:g} s; "
-                                   "wait again, or read it later with result()")
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 1.5, LAST_POLL)
+        return await self._run(_wait_plan(self.url, unique_id, self._budget(timeout)))
 
-    async def _call(self, path: str, body: bytes, timeout: Optional[float]) -> dict[str, Any]:
-        """POST ``body``; 503 and 429 are tried again after their Retry-After while the budget lasts."""
-        budget = self._budget(timeout)
-        deadline = time.monotonic() + budget
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._timed_out(path, budget)
-            try:
-                response = await self._http.post(path, content=body, timeout=left)
-            except httpx.TransportError as exc:
-                raise _transport_error(exc, self.url + path, budget) from exc
-            delay = _retry_after(response, deadline)
-            if delay is None:
-                return _document(response)
-            await asyncio.sleep(delay)
+    async def _run(self, plan: _Plan[T]) -> T:
+        """Carry out ``plan``'s steps with coroutines: what it returns."""
+        step = _resume(plan, None)
+        while not isinstance(step, _Done):
+            step = _resume(plan, await self._perform(step))
+        return step.value
+
+    async def _perform(self, step: _Step) -> _Reply:
+        """One step, awaited: the POST's answer (or the transport error it met); None after a pause."""
+        if isinstance(step, _Sleep):
+            await asyncio.sleep(step.seconds)
+            return None
+        try:
+            return await self._http.post(step.path, content=step.body, timeout=step.timeout)
+        except httpx.TransportError as exc:
+            return exc
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -11,8 +11,9 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,27 @@ def _kill_tree(pid: int) -> None:
 
 
 @contextmanager
+def running(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, port: int, state_dir: Path,
+            ready_timeout: Optional[float] = 90) -> Iterator[Server]:
+    """Start the `fastdeploy` command line ``cmd`` in ``cwd``, its output in a log file of its own;
+    wait until it is ready (unless ``ready_timeout`` is None); always stop it and its children."""
+    log_path = Path(tempfile.mkstemp(prefix="fd-log-", suffix=".txt")[1])
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(cwd))
+    server = Server(proc, port, state_dir, log_path)
+    try:
+        if ready_timeout is not None:
+            server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        children = server.children() if proc.poll() is None else []
+        server.stop(timeout=30)
+        for child in children:
+            _kill_tree(child)
+        log_path.unlink(missing_ok=True)
+
+
+@contextmanager
 def serve(
     recipe: Path | str,
     *,
@@ -111,24 +133,46 @@ def serve(
     port = port or free_port()
     own_state = state_dir is None
     state = Path(tempfile.mkdtemp(prefix="fd-state-")) if state_dir is None else state_dir
-    log_path = Path(tempfile.mkstemp(prefix="fd-log-", suffix=".txt")[1])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
     # one API process unless a test asks for more: per-process counters (/metrics) stay predictable
     full_env.update({"FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_HEARTBEAT_SECONDS": "0.2", "WORKERS": "1"})
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe), "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    server = Server(proc, port, state, log_path)
     try:
-        if ready:
-            server.wait_ready(ready_timeout)
-        yield server
+        with running(cmd, env=full_env, cwd=ROOT, port=port, state_dir=state,
+                     ready_timeout=ready_timeout if ready else None) as server:
+            yield server
     finally:
-        children = server.children() if proc.poll() is None else []
-        server.stop(timeout=30)
-        for child in children:
-            _kill_tree(child)
-        log_path.unlink(missing_ok=True)
         if own_state:
             subprocess.run(["rm", "-rf", str(state)], check=False)
+
+
+def module_server(recipe: Path | str, *, args: Sequence[str] = (),
+                  env: Optional[dict[str, str]] = None) -> Callable[[], Iterator[Server]]:
+    """A module-scoped fixture serving ``recipe`` (see ``serve``) to the tests of the module that
+    assigns it; the fixture is named after the variable."""
+
+    @pytest.fixture(scope="module")
+    def server() -> Iterator[Server]:
+        with serve(recipe, args=args, env=env) as started:
+            yield started
+
+    return server
+
+
+def make_file_recipe(folder: Path) -> Path:
+    """A tiny FILE recipe in ``folder``: each file's name, size and SHA-256."""
+    (folder / "examples").mkdir(parents=True)
+    (folder / "examples" / "a.txt").write_bytes(b"example")
+    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
+    (folder / "predictor.py").write_text(
+        "import hashlib, os\n\n\n"
+        "def predictor(inputs, batch_size=1):\n"
+        "    out = []\n"
+        "    for path in inputs:\n"
+        "        data = open(path, 'rb').read()\n"
+        "        out.append({'name': os.path.basename(path), 'size': len(data),\n"
+        "                    'sha256': hashlib.sha256(data).hexdigest()})\n"
+        "    return out\n"
+    )
+    return folder

@@ -153,10 +153,16 @@ def _head_late(transport: asyncio.Transport, cycle: Optional[_Cycle], seconds: f
     transport.close()
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for request heads and a cap on connections."""
+class _Guard(asyncio.Protocol):
+    """What both guarded protocols add to uvicorn's: the connection cap, and the deadline for a
+    request head (each protocol arms it for a partial head in its own way). Mixed in before
+    uvicorn's protocol class, whose attributes it uses."""
 
     limits: ClassVar[Limits] = Limits(10.0, 0)
+    loop: asyncio.AbstractEventLoop
+    connections: set[Any]
+    transport: asyncio.Transport
+    cycle: Any  # uvicorn's RequestResponseCycle of either parser (a _Cycle), None before the first request
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -171,6 +177,13 @@ class GuardedH11Protocol(H11Protocol):
         self._deadline.disarm()
         super().connection_lost(exc)
 
+    def _head_late(self) -> None:
+        _head_late(self.transport, self.cycle, self.limits.header_timeout)
+
+
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 protocol with a deadline for request heads and a cap on connections."""
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:  # bytes of a head, not all of it yet
@@ -178,31 +191,16 @@ class GuardedH11Protocol(H11Protocol):
         else:
             self._deadline.disarm()
 
-    def _head_late(self) -> None:
-        _head_late(self.transport, self.cycle, self.limits.header_timeout)
-
 
 if HttpToolsProtocol is not None:
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         """uvicorn's httptools protocol with a deadline for request heads and a cap on connections.
         A head that arrives in one piece (nearly every request) never starts a timer."""
-
-        limits: ClassVar[Limits] = Limits(10.0, 0)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._head_pending = False
-            self._deadline = _HeadDeadline(self.loop, self.limits.header_timeout, self._head_late)
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if not _refuse_if_full(len(self.connections), self.loop, transport, self.limits):
-                super().connection_made(transport)
-                self._deadline.arm()
-
-        def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._deadline.disarm()
-            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -217,9 +215,6 @@ if HttpToolsProtocol is not None:
             self._head_pending = False
             self._deadline.disarm()
             super().on_headers_complete()
-
-        def _head_late(self) -> None:
-            _head_late(self.transport, self.cycle, self.limits.header_timeout)
 
 
 def protocol_class(limits: Limits, parser: str = "auto") -> type[asyncio.Protocol]:

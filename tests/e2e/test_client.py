@@ -8,56 +8,29 @@ import asyncio
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
 from fastdeploy.client import AsyncClient, Client, PredictionError
-from tests.helpers import RECIPES, TEST_RECIPES, free_port, serve
+from tests.helpers import RECIPES, TEST_RECIPES, free_port, make_file_recipe, module_server, serve
 
 FAST_START = ["--batch-size", "16"]
 KEY = "client-test-key-0123456789abcdef"
-
-
-def make_file_recipe(folder: Path) -> Path:
-    """A tiny FILE recipe: each file's name, size and SHA-256."""
-    (folder / "examples").mkdir(parents=True)
-    (folder / "examples" / "a.txt").write_bytes(b"example")
-    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
-    (folder / "predictor.py").write_text(
-        "import hashlib, os\n\n\n"
-        "def predictor(inputs, batch_size=1):\n"
-        "    out = []\n"
-        "    for path in inputs:\n"
-        "        data = open(path, 'rb').read()\n"
-        "        out.append({'name': os.path.basename(path), 'size': len(data),\n"
-        "                    'sha256': hashlib.sha256(data).hexdigest()})\n"
-        "    return out\n"
-    )
-    return folder
 
 
 def digest(name: str, data: bytes) -> dict:
     return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-@pytest.fixture(scope="module")
-def echo():
-    with serve(RECIPES / "echo", args=FAST_START) as server:
-        yield server
+echo = module_server(RECIPES / "echo", args=FAST_START)
+faulty = module_server(TEST_RECIPES / "faulty", args=FAST_START)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     recipe = make_file_recipe(tmp_path_factory.mktemp("recipes") / "digest")
     with serve(recipe, args=FAST_START) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def faulty():
-    with serve(TEST_RECIPES / "faulty", args=FAST_START) as server:
         yield server
 
 

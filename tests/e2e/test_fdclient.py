@@ -22,7 +22,7 @@ import pytest
 import requests
 import zstandard
 
-from tests.helpers import RECIPES, ROOT, TEST_RECIPES, free_port, serve
+from tests.helpers import RECIPES, ROOT, TEST_RECIPES, free_port, make_file_recipe, module_server, serve
 
 fdclient = pytest.importorskip("fdclient", reason="pip install fdclient==3.1.2 msgpack zstandard (the test extra)")
 FDClient, FDClientAsync = fdclient.FDClient, fdclient.FDClientAsync
@@ -51,16 +51,8 @@ def decoded(response: requests.Response, input_type: str = "msgpack", compressed
     return json.loads(data)
 
 
-@pytest.fixture(scope="module")
-def echo():
-    with serve(RECIPES / "echo", args=[*FAST_START, "--max-body-mb", "1"]) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def faulty():
-    with serve(TEST_RECIPES / "faulty", args=FAST_START) as server:
-        yield server
+echo = module_server(RECIPES / "echo", args=[*FAST_START, "--max-body-mb", "1"])
+faulty = module_server(TEST_RECIPES / "faulty", args=FAST_START)
 
 
 # -- values round-trip -----------------------------------------------------------------
@@ -229,24 +221,6 @@ def test_with_allow_pickle_fdclient_uses_pickle():
         response = requests.post(f"{server.url}/infer", params={"input_type": "pickle"},
                                  data=pickle.dumps([object()]), timeout=10)
         assert response.status_code == 400 and "plain values" in pickle.loads(response.content)["reason"]
-
-
-def make_file_recipe(folder: Path) -> Path:
-    """A tiny FILE recipe: each file's name, size and SHA-256."""
-    (folder / "examples").mkdir(parents=True)
-    (folder / "examples" / "a.txt").write_bytes(b"example")
-    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
-    (folder / "predictor.py").write_text(
-        "import hashlib, os\n\n\n"
-        "def predictor(inputs, batch_size=1):\n"
-        "    out = []\n"
-        "    for path in inputs:\n"
-        "        data = open(path, 'rb').read()\n"
-        "        out.append({'name': os.path.basename(path), 'size': len(data),\n"
-        "                    'sha256': hashlib.sha256(data).hexdigest()})\n"
-        "    return out\n"
-    )
-    return folder
 
 
 def test_a_file_recipe_takes_bytes_and_named_pairs(tmp_path):

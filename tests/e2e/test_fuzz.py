@@ -72,27 +72,18 @@ def load(server: Server, request: pytest.FixtureRequest) -> schemathesis.schemas
     return schema
 
 
-# -- a JSON recipe --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def echo_server() -> Iterator[Server]:
-    with serve(RECIPES / "echo", env=ENV) as server:
-        yield server
+def lazy_schema(name: str, server_fixture: str) -> tuple[Any, Any]:
+    """A fixture ``name`` loading the /openapi.json of the server that fixture ``server_fixture``
+    starts, and schemathesis' lazy schema over it (its ``parametrize()`` makes a contract test)."""
+
+    @pytest.fixture(name=name)
+    def schema(request: pytest.FixtureRequest) -> schemathesis.schemas.BaseSchema:
+        return load(request.getfixturevalue(server_fixture), request)
+
+    return schema, schemathesis.pytest.from_fixture(name)
 
 
-@pytest.fixture
-def echo_schema(echo_server: Server, request: pytest.FixtureRequest) -> schemathesis.schemas.BaseSchema:
-    return load(echo_server, request)
-
-
-echo = schemathesis.pytest.from_fixture("echo_schema")
-
-
-@echo.parametrize()
-def test_json_recipe_keeps_its_openapi_contract(case, echo_server):
-    case.call_and_validate(checks=CHECKS, timeout=30)
-
-
-# -- a FILE recipe ----------------------------------------------------------------------------
+# -- the servers: a JSON recipe and a FILE recipe -----------------------------------------------
 FILE_PREDICTOR = '''\
 import hashlib
 import os
@@ -109,6 +100,12 @@ def predictor(inputs, batch_size=1):
 
 
 @pytest.fixture(scope="module")
+def echo_server() -> Iterator[Server]:
+    with serve(RECIPES / "echo", env=ENV) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def files_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     recipe = tmp_path_factory.mktemp("recipes") / "filesize"
     recipe.mkdir()
@@ -120,12 +117,14 @@ def files_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture
-def files_schema(files_server: Server, request: pytest.FixtureRequest) -> schemathesis.schemas.BaseSchema:
-    return load(files_server, request)
+# -- the contract, on both --------------------------------------------------------------------------
+echo_schema, echo = lazy_schema("echo_schema", "echo_server")
+files_schema, files = lazy_schema("files_schema", "files_server")
 
 
-files = schemathesis.pytest.from_fixture("files_schema")
+@echo.parametrize()
+def test_json_recipe_keeps_its_openapi_contract(case, echo_server):
+    case.call_and_validate(checks=CHECKS, timeout=30)
 
 
 @files.parametrize()

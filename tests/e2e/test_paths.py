@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ContextManager, Sequence
 
 import requests
 
-from tests.helpers import RECIPES, ROOT, Server, _kill_tree, free_port
+from tests.helpers import RECIPES, ROOT, Server, free_port, running
 
 
-@contextmanager
-def serve_from(cwd: Path, recipe: str, args: Sequence[str] = ()) -> Iterator[Server]:
+def serve_from(cwd: Path, recipe: str, args: Sequence[str] = ()) -> ContextManager[Server]:
     """`fastdeploy run RECIPE ARGS` started in ``cwd`` (no FASTDEPLOY_* variables: the flags say it all)."""
     port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="fd-log-", suffix=".txt")[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
     env.update({
         "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -35,18 +30,7 @@ def serve_from(cwd: Path, recipe: str, args: Sequence[str] = ()) -> Iterator[Ser
         "WORKERS": "1",
     })
     cmd = [sys.executable, "-m", "fastdeploy", "run", recipe, "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(cwd))
-    server = Server(proc, port, cwd, log_path)
-    try:
-        server.wait_ready(60)
-        yield server
-    finally:
-        children = server.children() if proc.poll() is None else []
-        server.stop(timeout=30)
-        for child in children:
-            _kill_tree(child)
-        log_path.unlink(missing_ok=True)
+    return running(cmd, env=env, cwd=cwd, port=port, state_dir=cwd, ready_timeout=60)
 
 
 def _files(folder: Path) -> list[str]:

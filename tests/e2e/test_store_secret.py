@@ -78,11 +78,12 @@ def ready_stages(server: Server) -> set[int]:
     return {s["stage"] for s in meta["stages"] for w in s["workers"] if w["ready"]}
 
 
-def wait_for(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+def wait_for(check, timeout: float, what: str, *servers: Server):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not (value := check()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            logs = "\n".join(f"--- {s.proc.args} (exit {s.proc.poll()}):\n{s.log()[-3000:]}" for s in servers)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
         time.sleep(0.1)
     return value
 
@@ -117,7 +118,7 @@ def test_a_payload_written_into_the_store_fails_its_job_and_runs_nothing(store, 
         stage1 = stack.enter_context(
             serve(CHAIN, command="worker", args=["--stage", "1"], env=env, state_dir=state, ready=False))
         api = stack.enter_context(serve(CHAIN, command="serve", env=env, state_dir=state, ready=False))
-        wait_for(lambda: 1 in ready_stages(api), 120, "the stage-1 worker")
+        wait_for(lambda: 1 in ready_stages(api), 120, "the stage-1 worker", stage1, api)
 
         unsigned, wrong_key, at_stage_0 = (
             api.post("/async", {"data": [n]}).json()["unique_id"] for n in (1, 2, 3))
