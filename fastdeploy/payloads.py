@@ -37,7 +37,10 @@ class ParsedRequest:
     unique_id: Optional[str] = None  # the client's own job id; None: the server makes one
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
+Body = Union[bytes, bytearray]  # a request body: as it came in one piece, or gathered from many
+
+
+def parse_json_body(body: Body) -> dict[str, Any]:
     if not body:
         raise BadRequest('the request body is empty; send JSON like {"data": [...]}')
     try:
@@ -284,7 +287,7 @@ def validate_webhook(url: Any, allowed_hosts: frozenset[str], deny_private: bool
 
 
 def parse_request(
-    body: bytes,
+    body: Body,
     *,
     file_mode: bool,
     sync: bool,
@@ -324,7 +327,7 @@ def parse_request(
     return ParsedRequest(data, None, priority, webhook, unique_id)
 
 
-def parse_unique_id(body: bytes) -> str:
+def parse_unique_id(body: Body) -> str:
     document = parse_json_body(body)
     unique_id = document.get("unique_id")
     if not isinstance(unique_id, str):

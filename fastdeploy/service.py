@@ -318,6 +318,7 @@ class Service:
     async def submit_async(self, request: ParsedRequest, owner: str = "") -> str:
         self._check_store()
         job = self._new_job(request, None, owner)
+        del request  # the inputs live on in the job's payload only: a large input is held once, not twice
         await self._submit(job)
         return job.id
 
@@ -339,32 +340,35 @@ class Service:
         else:
             timeout = self.settings.timeout
         job = self._new_job(request, time.time() + timeout, owner)
-        if job.id in self._waiters:  # its client's id is being waited for here: the store would refuse it too
-            raise JobExists([job.id])
+        del request  # the inputs live on in the job's payload only, and that only until it is written
+        job_id = job.id
+        if job_id in self._waiters:  # its client's id is being waited for here: the store would refuse it too
+            raise JobExists([job_id])
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[JobView] = loop.create_future()
-        self._waiters[job.id] = waiter
+        self._waiters[job_id] = waiter
         timer = loop.call_later(timeout, _fail, waiter, SyncTimeout)
         watch = _Watch(client_gone, waiter)
         start_watch = loop.call_later(WATCH_CLIENT_AFTER_SECONDS, watch.start) if client_gone is not None else None
         try:
             await self._submit(job, alone=len(self._waiters) == 1)
+            del job
             view = await self.doorbell.wait_for_answer(waiter, self._alone)
         except SyncTimeout:
             reason = f"no prediction within {limit}; the request was dropped; use /async for long jobs"
-            return Answer(504, bodies.failure(reason, job.id))
+            return Answer(504, bodies.failure(reason, job_id))
         except ClientGone:
-            await self._abandon(job.id)
+            await self._abandon(job_id)
             return Answer(499, b"")  # nobody reads it
         finally:
-            self._waiters.pop(job.id, None)
+            self._waiters.pop(job_id, None)
             timer.cancel()
             if start_watch is not None:
                 start_watch.cancel()
             watch.stop()
         if view.status is JobStatus.DONE:
-            return Answer(200, bodies.prediction(job.id, view.result))
-        return Answer(view.error_status, bodies.failure(view.reason or "the prediction failed", job.id))
+            return Answer(200, bodies.prediction(job_id, view.result))
+        return Answer(view.error_status, bodies.failure(view.reason or "the prediction failed", job_id))
 
     def _alone(self) -> bool:
         """Whether one /sync request alone waits in this process."""

@@ -36,7 +36,7 @@ from fastdeploy.http.infer import Wire
 from fastdeploy.http.openapi import openapi_document
 from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
-from fastdeploy.payloads import parse_request, parse_unique_id
+from fastdeploy.payloads import Body, parse_request, parse_unique_id
 from fastdeploy.recipe import Recipe
 from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
 from fastdeploy.settings import Settings
@@ -162,24 +162,32 @@ async def answer(
     return reply
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The body, refusing (413) anything over the limit before reading it all."""
+async def read_body(scope: Scope, receive: Receive, limit: int) -> Body:
+    """The body, refusing (413) anything over the limit as soon as it passes it.
+
+    A body in one piece is handed on as it came; a body in many pieces is gathered in one
+    growing buffer, not in a list joined at the end (which held it twice at once).
+    """
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise PayloadTooLarge(f"the request body is {int(value)} bytes; the limit is {limit} bytes (max_body_mb)")
-    parts: list[bytes] = []
-    size = 0
+    gathered: Optional[bytearray] = None
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientLeft()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        chunk: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        if gathered is None and not more:
+            if len(chunk) > limit:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes (max_body_mb)")
+            return chunk
+        gathered = bytearray() if gathered is None else gathered
+        if len(gathered) + len(chunk) > limit:
             raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes (max_body_mb)")
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+        gathered += chunk
+        if not more:
+            return gathered
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -192,11 +200,12 @@ async def sync_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply
     s = api.settings
     if s.only_async:
         raise BadRequest(ONLY_ASYNC_REASON)
-    parsed = parse_request(
-        await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=True,
-        max_items=s.max_per_client_batch,
-    )
-    return Reply.of(await api.service.predict_sync(parsed, scope[OWNER], functools.partial(_disconnected, receive)))
+    # no local keeps the parsed request: the service drops it once the job's payload is made
+    return Reply.of(await api.service.predict_sync(
+        parse_request(await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=True,
+                      max_items=s.max_per_client_batch),
+        scope[OWNER], functools.partial(_disconnected, receive),
+    ))
 
 
 async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -227,12 +236,12 @@ async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
 
 async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
     s = api.settings
-    parsed = parse_request(
+    unique_id = await api.service.submit_async(parse_request(
         await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=False,
         max_items=s.max_per_client_batch, allowed_webhook_hosts=s.allowed_webhook_hosts,
         deny_private_webhooks=s.webhook_deny_private,
-    )
-    return Reply(200, bodies.accepted(await api.service.submit_async(parsed, scope[OWNER])))
+    ), scope[OWNER])
+    return Reply(200, bodies.accepted(unique_id))
 
 
 async def result_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:

@@ -28,6 +28,7 @@ import zstandard
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
 from fastdeploy.payloads import (
     DEFAULT_ASYNC_PRIORITY,
+    Body,
     DEFAULT_SYNC_PRIORITY,
     MAX_JSON_DEPTH,
     ParsedRequest,
@@ -79,7 +80,7 @@ class Wire:
         return cls(asked if asked in INPUT_TYPES else "json", compressed, unique_id, timeout, is_async,
                    "; ".join(problems) or None)
 
-    def request(self, body: bytes, *, file_mode: bool, max_items: int, max_bytes: int,
+    def request(self, body: Body, *, file_mode: bool, max_items: int, max_bytes: int,
                 allow_pickle: bool) -> ParsedRequest:
         """The inputs of the body as a ParsedRequest; BadRequest (400) or PayloadTooLarge (413) otherwise."""
         if self.problem:
@@ -156,7 +157,7 @@ def _timeout(text: Optional[str], problems: list[str]) -> Optional[float]:
     return value
 
 
-def _decompress(body: bytes, limit: int) -> bytes:
+def _decompress(body: Body, limit: int) -> bytes:
     """The zstd frame(s) of ``body``, refusing more than ``limit`` bytes of output (a small body
     can claim gigabytes) and a frame cut short."""
     try:
@@ -181,7 +182,7 @@ def _decompress(body: bytes, limit: int) -> bytes:
     return data
 
 
-def _load(raw: bytes, input_type: str) -> list[Any]:
+def _load(raw: Body, input_type: str) -> list[Any]:
     """The list of inputs in a decompressed body (pickle only when the caller allowed it)."""
     if not raw:
         raise BadRequest(f"the request body is empty; send the list of inputs as {input_type}")

@@ -54,6 +54,9 @@ def outcome_messages(entries: Sequence[list], limit: int) -> list[bytes]:
         messages.append(CARRIED + packer.pack_array_header(len(chunk)) + b"".join(chunk))
 
     for entry in entries:
+        if len(entry[2] or b"") > limit:  # a large result is not even packed: that copy would be wasted
+            bare.append(entry[0])
+            continue
         one = packer.pack(entry)
         if len(one) > limit - 16:
             bare.append(entry[0])
