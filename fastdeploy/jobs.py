@@ -67,7 +67,7 @@ class NewJob:
     owner: str = ""  # who submitted it (an API key's id, or the client's address): its lane, and who may read it
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClaimedJob:
     """A job a loop holds under lease at one stage."""
 
@@ -76,6 +76,12 @@ class ClaimedJob:
     payload: bytes
     n_items: int
     deadline: Optional[float]
+
+    def take_payload(self) -> bytes:
+        """The payload, let go of here: a loop decodes it once, and a large input should not
+        stay in memory beside its decoded form while it is predicted."""
+        payload, self.payload = self.payload, b""
+        return payload
 
 
 @dataclass(frozen=True)

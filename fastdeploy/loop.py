@@ -320,6 +320,7 @@ class PredictionLoop:
                 self._outcome(job, result, keys, failure)
                 for job, (_, keys, failure), result in zip(jobs, prepared, results)
             ]
+            del prepared, results  # the inputs and outputs: only their encoded outcomes are recorded
         finally:
             for folder, paths in written:  # before the answer goes out: files never outlive their request
                 Scratch.remove(folder, paths)
@@ -339,7 +340,7 @@ class PredictionLoop:
         try:
             # only a later stage checks a signature: a one-stage service never needs (nor writes) the secret file
             secret = store_secret_for(self.settings) if self.stage else ""
-            inputs, keys = decode_payload(job.payload, secret, self.stage)
+            inputs, keys = decode_payload(job.take_payload(), secret, self.stage)
             if self._file_stage:
                 folder, paths = self._scratch_folder().write(inputs)
                 written.append((folder, paths))
