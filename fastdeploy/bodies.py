@@ -49,24 +49,15 @@ def result_document(
     """What /result answers and a webhook receives: the job's status, and its outcome once
     finished; /result also tells how the job's webhook delivery stands."""
     head: dict[str, Any] = {"unique_id": job_id, "status": status.value}
-    if webhook is not None:
-        head["webhook"] = {"status": webhook.status, "attempts": webhook.attempts, "last_error": webhook.last_error}
     if status is JobStatus.DONE:
         head["success"] = True
-        return _with_prediction(_success_first(head), result)
-    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+    elif status in (JobStatus.FAILED, JobStatus.CANCELLED):
         head.update(success=False, reason=reason or status.value)
     else:
         head["success"] = None
-    return orjson.dumps(_success_first(head))
-
-
-def _success_first(head: dict[str, Any]) -> dict[str, Any]:
-    """unique_id, status, success, reason, then webhook: the order /result has always had, extended."""
-    webhook = head.pop("webhook", None)
-    if webhook is not None:
-        head["webhook"] = webhook
-    return head
+    if webhook is not None:  # after success and reason: the order /result has always had, extended
+        head["webhook"] = {"status": webhook.status, "attempts": webhook.attempts, "last_error": webhook.last_error}
+    return _with_prediction(head, result) if status is JobStatus.DONE else orjson.dumps(head)
 
 
 def cancelled(unique_id: str, status: str) -> bytes:

@@ -48,7 +48,6 @@ IDLE_POLL_SECONDS = 0.25  # fallback poll when no ring arrives
 ARRIVAL_GAP_SECONDS = 0.002  # a fuller batch is waited for only while requests keep arriving
 MIN_FILL_WAIT_SECONDS = 0.0005  # shorter fill waits are skipped
 RHYTHM_SECONDS = 0.05  # work arriving this soon after a batch counts as load, not a lone request
-HEARTBEAT_RETRY_SECONDS = 1.0
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -126,6 +125,7 @@ class PredictionLoop:
         self._recording: Optional[concurrent.futures.Future[None]] = None
         self._predictor: Optional[Callable[..., Any]] = None
         self._is_last = stage == recipe.stages - 1
+        self._secret: Optional[str] = None  # signs and checks stage payloads; looked up once
         self._file_stage = recipe.is_file and stage == 0
         self._scratch: Optional[Scratch] = None
         self._heartbeat_failure = ""  # why the last heartbeat failed ("" when it did not)
@@ -339,7 +339,7 @@ class PredictionLoop:
         why it cannot be predicted (a corrupt payload fails its own job only)."""
         try:
             # only a later stage checks a signature: a one-stage service never needs (nor writes) the secret file
-            secret = store_secret_for(self.settings) if self.stage else ""
+            secret = self._stage_secret() if self.stage else ""
             inputs, keys = decode_payload(job.take_payload(), secret, self.stage)
             if self._file_stage:
                 folder, paths = self._scratch_folder().write(inputs)
@@ -350,6 +350,11 @@ class PredictionLoop:
             return [], None, f"could not prepare the inputs: {exc}"
         except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
             return [], None, f"could not prepare the inputs: {describe(exc)}"
+
+    def _stage_secret(self) -> str:
+        if self._secret is None:
+            self._secret = store_secret_for(self.settings)
+        return self._secret
 
     def _without_paths(self, reason: str) -> str:
         """A failure reason as the client may see it: the server's scratch folder left out (a
@@ -403,7 +408,7 @@ class PredictionLoop:
         try:
             if self._is_last:
                 return Outcome(job.id, self.stage, result=encode_prediction(outputs, keys))
-            payload = encode_stage_outputs(outputs, keys, store_secret_for(self.settings))
+            payload = encode_stage_outputs(outputs, keys, self._stage_secret())
             return Outcome(job.id, self.stage, payload=payload, n_items=len(outputs))
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"

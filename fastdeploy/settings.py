@@ -153,10 +153,6 @@ class Settings:
         return self.http_processes or max(1, min(4, os.cpu_count() or 1))
 
     @property
-    def keys_required(self) -> bool:
-        return bool(self.api_keys.strip() or self.api_keys_file)
-
-    @property
     def spin_seconds(self) -> float:
         return self.spin_us / 1_000_000
 

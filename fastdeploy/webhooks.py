@@ -30,7 +30,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from fastdeploy.errors import FastDeployError
-from fastdeploy.payloads import IPAddress, address_refusal, check_host_name
+from fastdeploy.payloads import IPAddress, address_refusal, check_host_name, literal_address
 from fastdeploy.settings import Settings, webhook_signing_key
 from fastdeploy.store.base import Store, WebhookDelivery
 from fastdeploy.tasks import keep_running
@@ -89,14 +89,6 @@ def _targets_for(url: str, host: str, port: int, addresses: list[IPAddress]) -> 
     return [Target(f"{parts.scheme}://{_url_host(a)}:{port}{tail}", host_header, tls_host) for a in addresses]
 
 
-def _is_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _url_host(address: IPAddress) -> str:
     return f"[{address.compressed}]" if address.version == 6 else address.compressed
 
@@ -108,7 +100,7 @@ async def resolve_targets(url: str, deny_private: bool) -> list[Target]:
         name, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
         if parts.scheme not in ("http", "https") or not name:
             raise ValueError("not an absolute http(s) URL")
-        host = name if _is_literal(name) else check_host_name(name)  # a name in its ASCII (IDNA) form
+        host = name if literal_address(name) is not None else check_host_name(name)  # a name as ASCII (IDNA)
     except (ValueError, FastDeployError) as exc:
         raise Refused(f"refused: the URL is not usable ({exc})") from None
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -21,6 +21,18 @@ RECIPES = ROOT / "recipes"
 TEST_RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last value: {value!r})")
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -47,7 +47,7 @@ PICKLE_REFUSED = (
 TIMED_OUT = 504  # our status for a request that waited too long; 3.x answered that with 500
 
 _compressor = zstandard.ZstdCompressor(level=1)
-_decompressor = zstandard.ZstdDecompressor()
+_decompressor = zstandard.ZstdDecompressor(max_window_size=8 << 20)  # a tiny frame may not claim 128 MiB
 
 
 @dataclass(frozen=True)

@@ -25,20 +25,9 @@ from fastdeploy.recipe import Recipe, load_recipe
 from fastdeploy.service import Service
 from fastdeploy.settings import Settings, load_settings
 from fastdeploy.store import Backend, open_backend
+from tests.helpers import wait_until  # noqa: F401 (the tests import it from here)
 
 DEADLINE_SECONDS = 5.0
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = DEADLINE_SECONDS, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last value: {value!r})")
-        time.sleep(0.01)
 
 
 async def async_wait_until(

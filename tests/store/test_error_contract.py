@@ -26,7 +26,7 @@ from fastdeploy.settings import load_settings
 from fastdeploy.store import open_backend
 from fastdeploy.store.base import Store
 from fastdeploy.store.sqlite import SQLiteStore
-from tests.helpers import RECIPES
+from tests.helpers import RECIPES, wait_until
 from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.timeout(60)
@@ -253,17 +253,6 @@ def thread_env(monkeypatch):
     """The loop sets the BLAS thread variables with setdefault: keep the test process's own."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         monkeypatch.setenv(name, os.environ.get(name, "1"))
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s (last value: {value!r})")
-        time.sleep(0.01)
 
 
 def listed(store: Store, worker_id: str, after: float = 0.0) -> list[WorkerInfo]:
