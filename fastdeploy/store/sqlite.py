@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sqlite3
 import threading
 import time
@@ -257,20 +258,36 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        db = self._connect(timeout=30.0)  # creating the schema may wait for another process
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-            _add_missing_columns(db)
-            db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+        db = self._connect(timeout=1.0)
+        self._create_schema(db)
         db.execute("PRAGMA busy_timeout=0")
         self._local.db = db
         try:
             self._bells = Bells(bell_folder(state_dir))
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the doorbell folder in {state_dir}: {exc}") from None
+
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        """Switch to WAL and create the tables, retrying while other processes do the same: SQLite
+        answers "database is locked" at once, without its busy handler, to a journal-mode switch or
+        a schema read that would deadlock with another process's, so a busy timeout alone is not
+        enough when an API server and a loop open a new state folder together."""
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+                _add_missing_columns(db)
+                db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+                if db.in_transaction:
+                    _rollback(db)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
+            time.sleep(0.01 + random.random() * 0.02)
 
     def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
         if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError)):

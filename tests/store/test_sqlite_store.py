@@ -3,8 +3,11 @@ too large for one datagram, checkpoints, schema upgrades, failed commits."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +157,24 @@ def test_request_connections_checkpoint_only_as_a_backstop_and_checkpoint_folds_
         assert (tmp_path / "jobs.sqlite3").stat().st_size > size
     finally:
         store.close()
+
+
+def _open_after(folder: str, start: Any) -> None:
+    start.wait()
+    SQLiteStore(Path(folder)).close()
+
+
+def test_processes_that_open_a_new_state_folder_together_all_get_the_store(tmp_path: Path) -> None:
+    """An API server, a loop and a worker started at once all create the schema: SQLite refuses a
+    journal-mode switch or a schema read that would deadlock at once, without waiting, and every
+    one of them must still open the store (CI once saw `serve` exit with "database is locked")."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(12):
+        folder = tmp_path / f"state{round_}"
+        start = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_after, args=(str(folder), start)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0] * 6, f"round {round_}: a process could not open the store"
