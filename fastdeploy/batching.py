@@ -6,6 +6,7 @@ the logic is unit-tested directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
@@ -63,6 +64,23 @@ def search_batch_size(
         (size, per_item) for size, per_item in trials if per_item <= fastest * (1.0 + tolerance)
     )
     return BatchChoice(chosen[0], chosen[1], tuple(trials))
+
+
+def trial_table(trials: Sequence[tuple[int, float]], chosen: int) -> list[str]:
+    """The batch-size search as rows a person reads: batch size, milliseconds per input, the choice marked."""
+    rows = ["batch size | ms per input"]
+    for size, per_item in trials:
+        mark = "  <- chosen" if size == chosen else ""
+        rows.append(f"{size:>10} | {milliseconds(per_item):>12}{mark}")
+    return rows
+
+
+def milliseconds(seconds: float) -> str:
+    """``seconds`` in milliseconds to three significant digits, never in exponent form (0.0000891)."""
+    ms = seconds * 1000
+    if ms <= 0 or not math.isfinite(ms):
+        return f"{ms:.1f}"
+    return f"{ms:.{max(1, 2 - math.floor(math.log10(ms)))}f}"
 
 
 def per_item_at(size: int, trials: Sequence[tuple[int, float]]) -> float:

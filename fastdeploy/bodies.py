@@ -7,7 +7,7 @@ otherwise be parsed once per answer). Everything else goes through orjson.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import orjson
 
@@ -18,10 +18,21 @@ ALIVE = b'{"success":true,"status":"alive"}'
 READY = b'{"success":true,"status":"ready"}'
 
 
-def _with_prediction(head: dict[str, Any], prediction: Optional[bytes]) -> bytes:
+Parts = tuple[bytes, ...]
+"""A body in pieces, sent one after another: a stored prediction goes out as it was read, not
+copied once more into the answer around it (a 90 MB result would be held twice)."""
+Body = Union[bytes, Parts]
+
+
+def joined(body: Body) -> bytes:
+    """A body in one piece."""
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
+def _with_prediction(head: dict[str, Any], prediction: Optional[bytes]) -> Parts:
     """``head`` as a JSON object with ``"prediction"`` appended as raw JSON bytes."""
     opening = orjson.dumps(head)[:-1]  # without the closing brace
-    return opening + b',"prediction":' + (prediction or b"null") + b"}"
+    return opening + b',"prediction":', prediction or b"null", b"}"
 
 
 def failure(reason: str, unique_id: Optional[str] = None) -> bytes:
@@ -37,15 +48,30 @@ def accepted(unique_id: str) -> bytes:
     return orjson.dumps({"success": True, "unique_id": unique_id})
 
 
-def prediction(unique_id: str, result: Optional[bytes]) -> bytes:
-    """What /sync answers when the prediction succeeded (assembled directly: every /sync pays for it)."""
-    return b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b',"prediction":' + (result or b"null") + b"}"
+def prediction(unique_id: str, result: Optional[bytes]) -> Body:
+    """What /sync answers when the prediction succeeded (assembled directly: every /sync pays for it);
+    a large prediction in parts around it."""
+    opening = b'{"success":true,"unique_id":' + orjson.dumps(unique_id) + b',"prediction":'
+    if result is not None and len(result) > LARGE_BYTES:
+        return opening, result, b"}"
+    return opening + (result or b"null") + b"}"
+
+
+LARGE_BYTES = 64 * 1024  # a prediction larger than this is sent in parts, not copied into its answer
 
 
 def result_document(
     job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str],
     webhook: Optional[WebhookState] = None,
 ) -> bytes:
+    """What a webhook receives: /result's document in one piece."""
+    return joined(result_parts(job_id, status, result, reason, webhook))
+
+
+def result_parts(
+    job_id: str, status: JobStatus, result: Optional[bytes], reason: Optional[str],
+    webhook: Optional[WebhookState] = None,
+) -> Body:
     """What /result answers and a webhook receives: the job's status, and its outcome once
     finished; /result also tells how the job's webhook delivery stands."""
     head: dict[str, Any] = {"unique_id": job_id, "status": status.value}

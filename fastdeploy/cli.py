@@ -3,20 +3,23 @@
     fastdeploy run RECIPE      API server(s) and prediction loop(s), the usual way
     fastdeploy serve RECIPE    API server(s) only (needs --broker to share a queue)
     fastdeploy worker RECIPE   prediction loop(s) only (needs --broker)
+    fastdeploy build RECIPE    a Dockerfile for the recipe, and its container image
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import socket
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
-from fastdeploy import __version__, legacy_cli
+from fastdeploy import __version__, legacy_cli, logs
 from fastdeploy.errors import FastDeployError
-from fastdeploy.settings import OPTIONS, Settings, load_settings
+from fastdeploy.settings import GROUPS, OPTIONS, Option, Settings, load_settings
 
 log = logging.getLogger("fastdeploy")
 
@@ -27,30 +30,96 @@ _COMMANDS = {
 }
 
 
+_EXAMPLES = {
+    "run": "example:\n  fastdeploy run recipes/echo --port 8080\n"
+           "  curl -s localhost:8080/sync -H 'Content-Type: application/json' -d '{\"data\": [\"hello\"]}'",
+    "serve": "example (API servers here, prediction loops on other hosts, one Redis between them):\n"
+             "  fastdeploy serve recipes/echo --broker redis://10.0.0.5:6379/0 --port 8080",
+    "worker": "example (prediction loops for stage 0 only, joining API servers through Redis):\n"
+              "  fastdeploy worker recipes/echo --broker redis://10.0.0.5:6379/0 --stage 0",
+}
+_INTERNAL = ("_api", "_loop")  # started by the supervisor, never by people: a parser of their own, not in --help
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the nearest option or command when one is mistyped (``--bach-size``), and
+    takes no abbreviations: ``--stag`` is a typo to point out, not ``--stage`` to guess."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(message + _suggestion(message, self))
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """``; did you mean --batch-size?`` for an unrecognized option or an invalid command ("" without one)."""
+    if message.startswith("unrecognized arguments:"):
+        words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        candidates = [flag for flag in parser._option_string_actions if flag.startswith("--")]
+    elif (wrong := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)) is not None:
+        words, candidates = [wrong.group(1)], re.findall(r"'([^']*)'", wrong.group(2))
+    else:
+        return ""
+    close = [match[0] for word in words if (match := difflib.get_close_matches(word, candidates, n=1, cutoff=0.6))]
+    return f"; did you mean {' '.join(close)}?" if close else ""
+
+
+def _default_text(option: Option) -> str:
+    if isinstance(option.default, bool):
+        return str(option.default).lower()
+    return str(option.default) if option.default != "" else "none"
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """The recipe and every setting, in their ``--help`` sections, each with its default and variables."""
     parser.add_argument("recipe", help="recipe folder (predictor.py and example.py)")
+    sections = {group: parser.add_argument_group(group) for group in GROUPS}
     for option in OPTIONS:
         names = ", ".join((option.env, *option.legacy_env))
-        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": f"{option.help} [env {names}]"}
-        if option.type not in (int, float, str):  # booleans: --only-async or --only-async=false
+        text = f"{option.help} (default: {_default_text(option)}; env {names})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": text}
+        if option.type in (int, float):
+            kwargs["metavar"] = "N" if option.type is int else "NUM"
+        elif option.type is not str:  # booleans: --only-async or --only-async=false
             kwargs.update(nargs="?", const="true", metavar="BOOL")
-        parser.add_argument(option.flag, *option.alias_flags, **kwargs)  # alias flags: renamed options
+        section = sections.get(option.group, sections["other"])
+        section.add_argument(option.flag, *option.alias_flags, **kwargs)  # alias flags: renamed options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdeploy", description="Serve any Python predictor over HTTP.")
+    """The commands people run; ``fastdeploy COMMAND --help`` shows each one's options by section."""
+    parser = _Parser(prog="fastdeploy", description="Serve any Python predictor over HTTP.",
+                     epilog="See `fastdeploy COMMAND --help` for a command's options.\n" + _EXAMPLES["run"],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastdeploy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for name, text in _COMMANDS.items():
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text, epilog=_EXAMPLES.get(name),
+                                  usage=f"fastdeploy {name} RECIPE [options]",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_settings(sub)
         if name == "worker":
             sub.add_argument("--stage", type=int, action="append", help="serve only this stage (repeatable)")
-    api = commands.add_parser("_api")  # internal: one API server process on an inherited socket
+    from fastdeploy import container  # `build` takes its own few options, not the settings
+
+    container.add_arguments(commands.add_parser("build", help=container.HELP, description=container.HELP,
+                                                epilog=container.EXAMPLE, usage="fastdeploy build RECIPE [options]",
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    return parser
+
+
+def build_internal_parser() -> argparse.ArgumentParser:
+    """The processes the supervisor starts: ``_api`` (one API server on an inherited socket) and
+    ``_loop`` (one prediction loop)."""
+    parser = _Parser(prog="fastdeploy")
+    commands = parser.add_subparsers(dest="command", required=True)
+    api = commands.add_parser("_api")
     _add_settings(api)
     api.add_argument("--fd", type=int, required=True)
     api.add_argument("--metrics-dir", help="folder shared by the API processes for their metrics")
-    loop = commands.add_parser("_loop")  # internal: one prediction loop process
+    loop = commands.add_parser("_loop")
     _add_settings(loop)
     loop.add_argument("--stage", type=int, required=True)
     loop.add_argument("--worker-id", required=True)
@@ -58,12 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; an option no command knows stops it with the nearest one named."""
+    if argv[:1] and argv[0] in _INTERNAL:
+        return build_internal_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _role(args: argparse.Namespace) -> str:
+    """What this process is, on every log line it writes."""
+    if args.command == "_api":
+        return "api"
+    if args.command == "_loop":
+        return f"loop stage {args.stage}"
+    return "supervisor" if args.command in ("run", "serve", "worker") else args.command
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -75,11 +157,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
             return 2
         print(f"fastdeploy: {note}", file=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
+    if args.command == "build":
+        return _build(args)
     flags = {o.name: getattr(args, o.name) for o in OPTIONS}
+    settings: Optional[Settings] = None
     try:
         settings = load_settings(args.recipe, flags)
-        _configure_logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format, _role(args))
         if not args.command.startswith("_"):
             for name in ("store_secret", "api_keys", "webhook_secret"):
                 if getattr(args, name) is not None:
@@ -87,9 +172,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 "FASTDEPLOY_%s", name.replace("_", "-"), name.upper())
         return _dispatch(args, settings)
     except FastDeployError as exc:
-        print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
+        if settings is not None and settings.log_format == "json":
+            log.error("%s", exc.reason)  # a log collector reads every line as JSON
+        else:
+            print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        return 130
+
+
+def _build(args: argparse.Namespace) -> int:
+    from fastdeploy import container
+
+    try:
+        return container.run(args)
+    except FastDeployError as exc:
+        print(f"fastdeploy: error: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C during the engine's build
         return 130
 
 
@@ -143,7 +243,7 @@ def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str
         timeout_keep_alive=settings.keep_alive,  # type: ignore[arg-type]  # seconds; a float works (call_later)
         lifespan="on",
         access_log=False,
-        log_level=settings.log_level,
+        log_config=None, log_level=None,  # uvicorn's loggers go through ours (logs.configure), in our format
         timeout_graceful_shutdown=int(settings.timeout) + 5,
         backlog=4096,
     )

@@ -41,6 +41,10 @@ class Unauthorized(FastDeployError):
         return {"WWW-Authenticate": 'Bearer realm="fastdeploy"'}
 
 
+class NotFound(FastDeployError):
+    status = 404
+
+
 class Conflict(FastDeployError):
     status = 409
 

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 
 from fastdeploy.errors import SettingsError
 
-COMMANDS = ("run", "serve", "worker", "_api", "_loop")
+COMMANDS = ("run", "serve", "worker", "build", "_api", "_loop")
 LEGACY_FLAGS = ("--recipe", "--rest", "--loop", "--build", "--config")
 # 3.x --config keys -> our flags (the same meaning); "base" only named the Docker base image
 CONFIG_FLAGS = {
@@ -46,8 +46,8 @@ def translate(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) 
     known, rest = parser.parse_known_args(list(argv))
     recipe = known.recipe
     if known.build:
-        raise SettingsError("--build (the 3.x Dockerfile generator) is gone: build an image whose command is "
-                            f"`fastdeploy run {recipe or 'RECIPE_DIR'}` (deploy/kubernetes has manifests)")
+        raise SettingsError(f"--build (the 3.x Dockerfile generator) is now `fastdeploy build {recipe or 'RECIPE_DIR'}`"
+                            f"; the image it builds runs `fastdeploy run {recipe or 'RECIPE_DIR'}`")
     if not recipe:
         raise SettingsError("the 3.x command line needs --recipe DIR; this version's command is `fastdeploy run DIR`")
     if not (known.rest or known.loop):

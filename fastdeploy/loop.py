@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from fastdeploy import batching
+from fastdeploy import batching, logs
 from fastdeploy.errors import FastDeployError
 from fastdeploy.jobs import (
     BATCH_BUCKETS,
@@ -34,8 +34,9 @@ from fastdeploy.jobs import (
     encode_prediction,
     encode_stage_outputs,
 )
-from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests
+from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests, user_exc_info
 from fastdeploy.recipe import Recipe, load_predictor, run_user_code
+from fastdeploy import uploads
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
@@ -128,6 +129,8 @@ class PredictionLoop:
         self._secret: Optional[str] = None  # signs and checks stage payloads; looked up once
         self._file_stage = recipe.is_file and stage == 0
         self._scratch: Optional[Scratch] = None
+        self._files_root = uploads.files_root(settings) if self._file_stage else None
+        self._uploaded: set[str] = set()  # jobs predicted from their upload folder: deleted once recorded
         self._heartbeat_failure = ""  # why the last heartbeat failed ("" when it did not)
 
     # -- lifecycle ------------------------------------------------------------
@@ -143,16 +146,15 @@ class PredictionLoop:
         self.doorbell.listen_for_jobs(self.stage)
         heartbeat = threading.Thread(target=self._heartbeat_forever, name="heartbeat", daemon=True)
         heartbeat.start()
+        started = time.monotonic()
         try:
             self._load()
             if self._stop.is_set():
                 return
             self.ready = True
             self._send_heartbeat()
-            log.info(
-                "stage %d ready: batch size %d, %.3f ms per input", self.stage, self.batch_size,
-                self.seconds_per_item * 1000,
-            )
+            log.info("stage %d ready in %.1f s: batch size %d, %s ms per input", self.stage,
+                     time.monotonic() - started, self.batch_size, batching.milliseconds(self.seconds_per_item))
             self._serve()
         finally:
             self._recorder.shutdown(wait=True)  # outcomes first, then let go of the jobs
@@ -171,24 +173,31 @@ class PredictionLoop:
         loops_here = max(1, self.settings.replicas * self.recipe.stages)
         threads = apply_thread_limit(self.settings.threads or max(1, (os.cpu_count() or 1) // loops_here))
         name = f"the predictor of stage {self.stage} ({self.recipe.stage_files[self.stage].name})"
+        log.info("importing %s", name)
+        importing = time.perf_counter()
         self._predictor = run_user_code(
             self.recipe.path, f"{name} could not be imported", lambda: load_predictor(self.recipe, self.stage)
         )
+        log.info("imported the predictor in %.2f s", time.perf_counter() - importing)
         _limit_torch_threads(threads)
         run_user_code(self.recipe.path, f"{name} failed on example.py at start-up", self._warm_up)
 
     def _warm_up(self) -> None:
         """Call the predictor on the example, then measure the batch size."""
         example = self._example_inputs()
+        log.info("warming up on the example (%d input(s))", len(example))
         self._call(example[: max(1, min(len(example), self.batch_size))])  # warm-up
         if self.settings.batch_size:
             self.batch_size = self.settings.batch_size
             self.seconds_per_item = self._measure(example, self.batch_size) / self.batch_size
+            log.info("batch size %d (set by --batch-size)", self.batch_size)
         else:
+            log.info("searching for the batch size (up to --max-batch-size %d)", self.settings.max_batch_size)
             choice = batching.search_batch_size(lambda n: self._measure(example, n), self.settings.max_batch_size)
             self.batch_size, self.seconds_per_item = choice.batch_size, choice.seconds_per_item
             self.trials = choice.trials
-            log.info("stage %d batch size search: %s", self.stage, choice.trials)
+            for row in batching.trial_table(choice.trials, choice.batch_size):
+                log.info("%s", row)
 
     def _example_inputs(self) -> list[Any]:
         """This stage's inputs for the example: the files, or what the earlier stages make of them."""
@@ -222,7 +231,8 @@ class PredictionLoop:
 
     # -- heartbeat ------------------------------------------------------------
     def _info(self) -> WorkerInfo:
-        stats = {**self.stats.as_dict(), **self.doorbell.stats}
+        # the device the supervisor placed this loop on (its environment), for /meta, /metrics and the status page
+        stats = {**self.stats.as_dict(), **self.doorbell.stats, "device": os.environ.get("FASTDEPLOY_DEVICE") or "cpu"}
         return WorkerInfo(
             self.worker_id, self.stage, socket.gethostname(), os.getpid(), self.batch_size, self.ready, time.time(), stats
         )
@@ -341,12 +351,15 @@ class PredictionLoop:
             # only a later stage checks a signature: a one-stage service never needs (nor writes) the secret file
             secret = self._stage_secret() if self.stage else ""
             inputs, keys = decode_payload(job.take_payload(), secret, self.stage)
-            if self._file_stage:
+            if self._file_stage and uploads.is_uploaded(inputs):  # streamed to disk by the API: no copy
+                inputs = uploads.paths_for(self._files_root, job.id, inputs)
+                self._uploaded.add(job.id)
+            elif self._file_stage:
                 folder, paths = self._scratch_folder().write(inputs)
                 written.append((folder, paths))
                 inputs = paths
             return inputs, keys, None
-        except UntrustedPayload as exc:  # never loaded: a payload this service did not sign fails its job only
+        except (UntrustedPayload, uploads.UploadMissing) as exc:  # never loaded: a payload this service did not sign fails its job only
             return [], None, f"could not prepare the inputs: {exc}"
         except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
             return [], None, f"could not prepare the inputs: {describe(exc)}"
@@ -364,8 +377,9 @@ class PredictionLoop:
         return re.sub(r"(?<![\w.:/])/(?:[\w.-]+/)+", "", reason) if "/" in reason else reason
 
     def _log_failure(self, job: ClaimedJob, position: int, exc: BaseException) -> None:
-        log.info("job %s failed on input %d: %s", job.id, position, describe(exc),
-                 exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
+        """A predictor failure at request time: the job's id, and the predictor's own traceback."""
+        log.warning("the predictor failed on input %d of this job: %s", position, describe(exc),
+                    exc_info=user_exc_info(exc), extra=logs.about_job(job.id))
 
     def _scratch_folder(self) -> Scratch:
         if self._scratch is None:
@@ -388,6 +402,8 @@ class PredictionLoop:
         while True:
             try:
                 self.store.finish(outcomes, self.worker_id)
+                if self._uploaded:
+                    self._delete_uploads(outcomes)
                 return
             except FastDeployError as exc:
                 if self._stop.is_set():
@@ -397,6 +413,12 @@ class PredictionLoop:
                 log.warning("cannot record %d outcome(s) (retrying): %s", len(outcomes), exc.reason)
             self._stop.wait(delay)
             delay = min(2 * delay, 2.0)  # once the store is back (space freed), outcomes follow within 2 s
+
+    def _delete_uploads(self, outcomes: Sequence[Outcome]) -> None:
+        """A recorded job's uploaded files go now (kept until then: a job predicted again needs them)."""
+        ended = [o.id for o in outcomes if o.id in self._uploaded]
+        self._uploaded.difference_update(ended)
+        uploads.delete(self._files_root, ended)
 
     def _outcome(
         self, job: ClaimedJob, result: RequestResult, keys: Optional[list[str]], failure: Optional[str]
@@ -412,4 +434,6 @@ class PredictionLoop:
             return Outcome(job.id, self.stage, payload=payload, n_items=len(outputs))
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"
+            log.warning("the predictor's output cannot be encoded %s: %s", what, describe(exc),
+                        extra=logs.about_job(job.id))
             return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {describe(exc)}")

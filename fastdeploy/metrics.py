@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -36,6 +36,8 @@ class _StoreCollector(Collector):
         alive = GaugeMetricFamily("fastdeploy_workers", "Prediction loops alive and ready, per stage", labels=["stage"])
         size = GaugeMetricFamily("fastdeploy_worker_batch_size", "Batch size each loop measured", labels=["stage", "worker"])
         items = GaugeMetricFamily("fastdeploy_worker_items_total", "Inputs each loop predicted", labels=["stage", "worker"])
+        info = GaugeMetricFamily("fastdeploy_worker_info", "Each live loop (always 1): its host and device (cpu or a GPU)",
+                                 labels=["stage", "worker", "device", "host"])
         doorbell = {  # counters the loops' doorbells report with each heartbeat
             name: GaugeMetricFamily(f"fastdeploy_worker_{name}_total", f"{text}, per loop", labels=["stage", "worker"])
             for name, text in self._doorbell_help.items()
@@ -49,6 +51,7 @@ class _StoreCollector(Collector):
             ready[worker.stage] = ready.get(worker.stage, 0) + int(worker.ready)
             size.add_metric([str(worker.stage), worker.worker_id], worker.batch_size)
             items.add_metric([str(worker.stage), worker.worker_id], worker.stats.get("items", 0))
+            info.add_metric([str(worker.stage), worker.worker_id, str(worker.stats.get("device", "")), worker.host], 1)
             for name, family in doorbell.items():
                 family.add_metric([str(worker.stage), worker.worker_id], float(worker.stats.get(name, 0.0)))
             counts, calls, total = per_stage.get(worker.stage, ([0] * len(self._buckets), 0, 0))
@@ -66,6 +69,7 @@ class _StoreCollector(Collector):
         yield alive
         yield size
         yield items
+        yield info
         yield from doorbell.values()
         yield hist
 
@@ -101,8 +105,10 @@ class Metrics:
             for name, text in doorbell_help.items()
         }
         self._doorbell_seen: dict[str, float] = {}
+        self._requests_source: Collector = _Own(self.requests, self.latency)
         if multiprocess_dir:
-            MultiProcessCollector(self.registry, path=multiprocess_dir)
+            self._requests_source = MultiProcessCollector(None, path=multiprocess_dir)
+            self.registry.register(self._requests_source)
         self.registry.register(_StoreCollector(snapshot, batch_buckets, doorbell_help))
 
     def track_doorbell(self, stats: Mapping[str, float]) -> None:
@@ -120,3 +126,31 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def request_summary(self) -> dict[str, Any]:
+        """Requests answered per endpoint and status, and the latency histogram per endpoint, as
+        running totals of every API server process (the status page derives rates from them)."""
+        answered: dict[str, dict[str, int]] = {}
+        latency: dict[str, list[int]] = {}
+        bounds = [str(float(b)) for b in LATENCY_BUCKETS]
+        for family in self._requests_source.collect():
+            for sample in family.samples:
+                endpoint = sample.labels.get("endpoint", "")
+                if sample.name == "fastdeploy_requests_total":
+                    by_status = answered.setdefault(endpoint, {})
+                    by_status[sample.labels["status"]] = by_status.get(sample.labels["status"], 0) + int(sample.value)
+                elif sample.name == "fastdeploy_request_seconds_bucket" and sample.labels.get("le") in bounds:
+                    counts = latency.setdefault(endpoint, [0] * len(bounds))
+                    counts[bounds.index(sample.labels["le"])] += int(sample.value)
+        return {"answered": answered, "latency": {"bounds": list(LATENCY_BUCKETS), "cumulative": latency}}
+
+
+class _Own(Collector):
+    """The request metrics of this process alone (one API server, no shared folder)."""
+
+    def __init__(self, *metrics: Collector) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self._metrics:
+            yield from metric.collect()

@@ -314,17 +314,38 @@ def parse_request(
         raise PayloadTooLarge(
             f"{len(data)} inputs in one request; at most {max_items} are allowed (MAX_PER_CLIENT_BATCH): split the request"
         )
-    webhook = document.get("webhook")
-    if webhook is not None:
-        if sync:
-            raise BadRequest("webhook is for /async requests; /sync answers with the prediction itself")
-        webhook = validate_webhook(webhook, allowed_webhook_hosts, deny_private_webhooks)
+    webhook = _webhook(document.get("webhook"), sync, allowed_webhook_hosts, deny_private_webhooks)
     priority = _priority(document, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
     unique_id = check_unique_id(document.get("unique_id"))
     if file_mode:
         inputs, keys = _decode_files(data)
         return ParsedRequest(inputs, keys, priority, webhook, unique_id)
     return ParsedRequest(data, None, priority, webhook, unique_id)
+
+
+def form_options(
+    fields: dict[str, str], *, sync: bool, allowed_webhook_hosts: frozenset[str] = frozenset(),
+    deny_private_webhooks: bool = False,
+) -> tuple[int, Optional[str], Optional[str]]:
+    """Priority, webhook and unique_id of a multipart request, sent as form fields (text): checked as
+    in JSON, where an empty field counts as not sent."""
+    options: dict[str, Any] = {name: value for name, value in fields.items() if value != ""}
+    priority_text = options.get("priority")
+    if priority_text is not None:
+        number = priority_text.strip()
+        options["priority"] = int(number) if number.isdigit() and number.isascii() else priority_text
+    webhook = _webhook(options.get("webhook"), sync, allowed_webhook_hosts, deny_private_webhooks)
+    priority = _priority(options, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
+    return priority, webhook, check_unique_id(options.get("unique_id"))
+
+
+def _webhook(value: Any, sync: bool, allowed_hosts: frozenset[str], deny_private: bool) -> Optional[str]:
+    """A request's webhook, checked; /sync takes none."""
+    if value is None:
+        return None
+    if sync:
+        raise BadRequest("webhook is for /async requests; /sync answers with the prediction itself")
+    return validate_webhook(value, allowed_hosts, deny_private)
 
 
 def parse_unique_id(body: Body) -> str:

@@ -6,10 +6,14 @@ batching, bisecting and mapping of failures back to requests can be tested on th
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Callable, Optional, Sequence
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # fastDeploy's own source files
 
 
 class PredictorOutputError(Exception):
@@ -51,6 +55,15 @@ def describe(exc: BaseException) -> str:
     """``TypeName: message``, or just the type name when the message is empty."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def user_exc_info(exc: BaseException) -> tuple[type[BaseException], BaseException, Optional[TracebackType]]:
+    """``exc_info`` that logs a predictor's error with its own frames: fastDeploy's (the batching
+    and the loop that called the predictor) are left off the top of the traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
+    return type(exc), exc, tb
 
 
 def predict_requests(
@@ -110,8 +123,12 @@ class _Run:
         try:
             outputs = check_outputs(self.predict([self.flat[i] for i in live]), len(live))
         except Exception as exc:  # the predictor is user code: contain whatever it raises
+            failure: Optional[Exception] = exc
+        else:
+            failure = None
+        if failure is not None:  # bisected outside the except: a half's error is not chained to this one
             if len(live) == 1:
-                self._fail(live[0], exc)
+                self._fail(live[0], failure)
                 return
             half = len(live) // 2
             self.predict_range(live[:half])

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
-from fastdeploy import bodies
+from fastdeploy import bodies, logs
 from fastdeploy.admission import Admission
 from fastdeploy.errors import FastDeployError, JobExists, StoreUnavailable, Unavailable
 from fastdeploy.jobs import (
@@ -31,6 +31,7 @@ from fastdeploy.jobs import (
     encode_inputs,
     new_job_id,
 )
+from fastdeploy import uploads
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
@@ -48,14 +49,21 @@ WATCH_CLIENT_AFTER_SECONDS = 0.05  # a /sync request waiting longer starts watch
 RESULT_POLL_SECONDS = 0.25  # fallback check of waiting /sync jobs when no ring arrives
 WRITE_AT_ONCE_BYTES = 32 * 1024  # jobs this large are not held for the event-loop turn's group commit
 SNAPSHOT_SECONDS = 0.5  # how stale queue depth and worker lists may be
+SWEEP_SECONDS = 5.0  # how often an API server deletes the uploaded files of jobs that ended without a loop
 
 
 @dataclass(frozen=True)
 class Answer:
-    """An HTTP-ready answer: status code and JSON body bytes."""
+    """An HTTP-ready answer: status code and JSON body, in one piece or in parts sent one after
+    another (``bodies.Parts``: a large prediction is not copied into one more buffer)."""
 
     status: int
-    body: bytes
+    body: bodies.Body
+
+    @property
+    def content(self) -> bytes:
+        """The body in one piece (for whoever needs it whole, not for sending)."""
+        return bodies.joined(self.body)
 
 
 class StoreBridge:
@@ -226,6 +234,8 @@ class Service:
         self.admission = Admission(settings.queue_limit, settings.queue_limit_per_key)
         self._store_error: Optional[str] = None
         self._failing: Optional[str] = None  # why a stage's loops keep failing to start (from the store)
+        self._files_root = uploads.files_root(settings)
+        self._next_sweep = 0.0
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
@@ -256,8 +266,15 @@ class Service:
     def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int, dict[str, int]]:
         now = time.time()
         self.store.maintain(now, self.settings.result_ttl, self.worker_timeout)
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_SECONDS
+            uploads.sweep(self._files_root, self._ended, now)
         by_owner = self.store.unfinished_by_owner() if self.settings.queue_limit_per_key else {}
         return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished(), by_owner
+
+    def _ended(self, ids: list[str]) -> set[str]:
+        """Of these jobs, those that have ended or are unknown: their uploaded files may go."""
+        return uploads.finished_ids(self.store.get(ids), ids)
 
     @property
     def worker_timeout(self) -> float:
@@ -313,6 +330,7 @@ class Service:
         payload = encode_inputs(request.inputs, request.keys)
         origin = self.doorbell.address if deadline is not None else None
         job_id = request.unique_id or new_job_id()
+        logs.UNIQUE_ID.set(job_id)  # the request's later log lines are about this job
         return NewJob(job_id, payload, len(request.inputs), request.priority, deadline, request.webhook, origin, owner)
 
     async def submit_async(self, request: ParsedRequest, owner: str = "") -> str:
@@ -392,7 +410,7 @@ class Service:
         view = await self._view(unique_id, reader)
         if view is None:
             return Answer(404, bodies.not_found(unique_id))
-        return Answer(200, bodies.result_document(view.id, view.status, view.result, view.reason, view.webhook))
+        return Answer(200, bodies.result_parts(view.id, view.status, view.result, view.reason, view.webhook))
 
     async def cancel(self, unique_id: str, reader: Optional[str] = None) -> Answer:
         """Cancel a job that is queued (it is not predicted) or being predicted (its outcome is
@@ -463,7 +481,7 @@ class Service:
                 "queue_depth": self._depths[stage] if stage < len(self._depths) else 0,
                 "workers": [
                     {"worker_id": w.worker_id, "host": w.host, "pid": w.pid, "batch_size": w.batch_size,
-                     "ready": w.ready, "items": w.stats.get("items", 0)}
+                     "ready": w.ready, "items": w.stats.get("items", 0), "device": w.stats.get("device")}
                     for w in mine
                 ],
             })

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from fastdeploy.devices import parse as parse_devices
 from fastdeploy.errors import SettingsError
 
 
@@ -41,6 +42,7 @@ class Option:
     legacy_env: tuple[str, ...] = ()
     minimum: Optional[float] = None
     aliases: tuple[str, ...] = ()  # former setting names, still accepted as flags
+    group: str = "other"  # where `--help` lists it (one of GROUPS)
 
     @property
     def env(self) -> str:
@@ -62,9 +64,14 @@ def _meta(
     env: tuple[str, ...] = (),
     minimum: Optional[float] = None,
     aliases: tuple[str, ...] = (),
+    group: str = "other",
 ) -> dict[str, Any]:
     """Field metadata that makes a ``Settings`` field an option; keeps each declaration on one line."""
-    return {"help": text, "legacy_env": env, "minimum": minimum, "aliases": aliases}
+    return {"help": text, "legacy_env": env, "minimum": minimum, "aliases": aliases, "group": group}
+
+
+# the sections of `fastdeploy run --help`, in order; an option names its own (``group=``)
+GROUPS = ("server", "batching", "prediction loops", "store", "limits", "security", "webhooks", "logging", "other")
 
 
 @dataclass(frozen=True)
@@ -72,76 +79,112 @@ class Settings:
     """Everything a fastDeploy process needs to know, resolved once at start-up."""
 
     recipe_dir: Path
-    host: str = field(default="0.0.0.0", metadata=_meta("address the HTTP server listens on", env=("HOST",)))
-    port: int = field(default=8080, metadata=_meta("port the HTTP server listens on", env=("PORT",), minimum=0))
-    state_dir: str = field(default="", metadata=_meta("folder for the embedded store (default RECIPE/.fastdeploy)"))
+    host: str = field(default="0.0.0.0", metadata=_meta(
+        "address the HTTP server listens on", env=("HOST",), group="server"))
+    port: int = field(default=8080, metadata=_meta(
+        "port the HTTP server listens on", env=("PORT",), minimum=0, group="server"))
+    state_dir: str = field(default="", metadata=_meta(
+        "folder for the embedded store (default RECIPE/.fastdeploy)", group="store"))
     broker: str = field(default="", metadata=_meta(
-        "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store"))
+        "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store", group="store"))
     store_secret: str = field(default="", repr=False, metadata=_meta(
         "key that signs what chain stages hand each other through the store; required with --broker for a "
-        "chain (same on every host); empty = generated into the state folder for the embedded store"))
+        "chain (same on every host); empty = generated into the state folder for the embedded store", group="store"))
     timeout: float = field(default=480.0, metadata=_meta(
-        "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001))
+        "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001, group="limits"))
     max_per_client_batch: int = field(default=0, metadata=_meta(
-        "most inputs in one request (0 = no limit)", env=("MAX_PER_CLIENT_BATCH", "MAX_REQUEST_BATCH_SIZE"), minimum=0))
+        "most inputs in one request (0 = no limit)", env=("MAX_PER_CLIENT_BATCH", "MAX_REQUEST_BATCH_SIZE"), minimum=0,
+        group="limits"))
     only_async: bool = field(default=False, metadata=_meta(
-        "refuse /sync (clients must use /async)", env=("ONLY_ASYNC",)))
+        "refuse /sync (clients must use /async)", env=("ONLY_ASYNC",), group="server"))
     allow_pickle: bool = field(default=False, metadata=_meta(
         "accept pickle bodies on POST /infer (fastDeploy 3.x clients use pickle when it is on); unpickling runs "
-        "code, so turn it on only when every client is trusted", env=("ALLOW_PICKLE",)))
+        "code, so turn it on only when every client is trusted", env=("ALLOW_PICKLE",), group="security"))
     batch_size: int = field(default=0, metadata=_meta(
         "fix the batch size instead of measuring it at start-up (0 = measure)", env=("BATCH_SIZE", "OPTIMAL_BATCH_SIZE"),
-        minimum=0))
-    max_batch_size: int = field(default=256, metadata=_meta("largest batch size the start-up search tries", minimum=1))
+        minimum=0, group="batching"))
+    max_batch_size: int = field(default=256, metadata=_meta(
+        "largest batch size the start-up search tries", minimum=1, group="batching"))
     max_wait: float = field(default=0.5, metadata=_meta(
         "how long a loop waits for a fuller batch, as a multiple of the time per example (only under load)",
-        env=("MAX_WAIT",), minimum=0))
+        env=("MAX_WAIT",), minimum=0, group="batching"))
     http_processes: int = field(default=0, metadata=_meta(
         "HTTP server processes sharing the port (0 = one per CPU core, at most 4)",
-        env=("FASTDEPLOY_WORKERS", "WORKERS"), minimum=0, aliases=("workers",)))
-    replicas: int = field(default=1, metadata=_meta("prediction loop processes per stage", minimum=1))
+        env=("FASTDEPLOY_WORKERS", "WORKERS"), minimum=0, aliases=("workers",), group="server"))
+    replicas: int = field(default=1, metadata=_meta(
+        "prediction loop processes per stage on the CPU (on GPUs: --replicas-per-device)", minimum=1,
+        group="prediction loops"))
+    devices: str = field(default="auto", metadata=_meta(
+        "where the prediction loops run: auto (every GPU nvidia-smi -L lists, else the CPU), cpu, or GPU "
+        "indices or UUIDs like 0,1; each loop process sees only its own GPU (CUDA_VISIBLE_DEVICES)",
+        group="prediction loops"))
+    replicas_per_device: int = field(default=1, metadata=_meta(
+        "prediction loop processes per stage on each GPU (on the CPU it multiplies --replicas)", minimum=1,
+        group="prediction loops"))
     threads: int = field(default=0, metadata=_meta(
-        "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", minimum=0))
+        "torch / ONNX Runtime / BLAS threads per loop (0 = cores / loop processes)", minimum=0,
+        group="prediction loops"))
     spin_us: float = field(default=1000.0, metadata=_meta(
         "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client "
-        "sends request after request (0 = always sleep)", minimum=0))
+        "sends request after request (0 = always sleep)", minimum=0, group="batching"))
     result_ttl: float = field(default=3600.0, metadata=_meta(
-        "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1))
-    max_body_mb: float = field(default=100.0, metadata=_meta("largest request body in MiB (413 above)", minimum=0.001))
+        "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1, group="store"))
+    max_body_mb: float = field(default=100.0, metadata=_meta(
+        "largest request body in MiB (413 above)", minimum=0.001, group="limits"))
+    max_file_mb: float = field(default=1024.0, metadata=_meta(
+        "largest file in a multipart upload in MiB, checked while it streams to disk (413 above)", minimum=0.001,
+        group="limits"))
+    max_upload_mb: float = field(default=4096.0, metadata=_meta(
+        "largest multipart upload in MiB, all its files together (413 above); where uploads travel through Redis "
+        "(--broker without --files-dir) --max-body-mb bounds them too", minimum=0.001, group="limits"))
+    files_dir: str = field(default="", metadata=_meta(
+        "folder uploaded files stay in until their job ends (default STATE_DIR/files); with --broker, a folder "
+        "every API server and worker shares (empty: uploads travel through Redis)", group="store"))
     header_timeout: float = field(default=10.0, metadata=_meta(
         "seconds a connection has to send a complete request head (from opening, or from its first byte after "
-        "an answer) before it is closed", minimum=0.001))
+        "an answer) before it is closed", minimum=0.001, group="server"))
     keep_alive: float = field(default=5.0, metadata=_meta(
-        "seconds an idle keep-alive connection stays open after an answer", env=("KEEP_ALIVE",), minimum=0))
+        "seconds an idle keep-alive connection stays open after an answer", env=("KEEP_ALIVE",), minimum=0,
+        group="server"))
     max_connections: int = field(default=1000, metadata=_meta(
-        "most open connections per HTTP server process; more get 503 at once (0 = no limit)", minimum=0))
+        "most open connections per HTTP server process; more get 503 at once (0 = no limit)", minimum=0,
+        group="server"))
     queue_limit: int = field(default=100000, metadata=_meta(
-        "most unfinished jobs before /sync and /async answer 503", minimum=1))
+        "most unfinished jobs before /sync and /async answer 503", minimum=1, group="limits"))
     queue_limit_per_key: int = field(default=0, metadata=_meta(
         "most unfinished jobs one API key (or, without keys, one client address) may have; more get 429 "
-        "(0 = no limit)", minimum=0))
+        "(0 = no limit)", minimum=0, group="limits"))
     api_keys: str = field(default="", repr=False, metadata=_meta(
         "comma-separated API keys; when set (or --api-keys-file), every endpoint but /health and /ready "
-        "needs one (Authorization: Bearer KEY or X-API-Key: KEY)"))
+        "needs one (Authorization: Bearer KEY or X-API-Key: KEY)", group="security"))
     api_keys_file: str = field(default="", metadata=_meta(
-        "file with one API key per line (# comments); re-read on SIGHUP"))
-    metrics_open: bool = field(default=False, metadata=_meta("serve /metrics without an API key (for scrapers)"))
+        "file with one API key per line (# comments); re-read on SIGHUP", group="security"))
+    metrics_open: bool = field(default=False, metadata=_meta(
+        "serve /metrics without an API key (for scrapers)", group="security"))
     cors_origins: str = field(default="", metadata=_meta(
         "comma-separated origins (scheme://host[:port]) whose web pages may call this service, * for any "
-        "(empty = no CORS headers)"))
+        "(empty = no CORS headers)", group="security"))
     lease_seconds: float = field(default=30.0, metadata=_meta(
-        "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1))
-    heartbeat_seconds: float = field(default=1.0, metadata=_meta("how often loops report they are alive", minimum=0.01))
-    webhook_attempts: int = field(default=8, metadata=_meta("deliveries tried per webhook before giving up", minimum=1))
-    webhook_timeout: float = field(default=10.0, metadata=_meta("seconds a webhook receiver has to answer", minimum=0.01))
+        "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1, group="store"))
+    heartbeat_seconds: float = field(default=1.0, metadata=_meta(
+        "how often loops report they are alive", minimum=0.01, group="store"))
+    webhook_attempts: int = field(default=8, metadata=_meta(
+        "deliveries tried per webhook before giving up", minimum=1, group="webhooks"))
+    webhook_timeout: float = field(default=10.0, metadata=_meta(
+        "seconds a webhook receiver has to answer", minimum=0.01, group="webhooks"))
     webhook_backoff: float = field(default=1.0, metadata=_meta(
-        "first retry delay in seconds; doubles each attempt", minimum=0))
-    webhook_hosts: str = field(default="", metadata=_meta("comma-separated hosts webhooks may target (empty = any)"))
+        "first retry delay in seconds; doubles each attempt", minimum=0, group="webhooks"))
+    webhook_hosts: str = field(default="", metadata=_meta(
+        "comma-separated hosts webhooks may target (empty = any)", group="webhooks"))
     webhook_secret: str = field(default="", repr=False, metadata=_meta(
-        "whsec_<base64> secret that signs every webhook (Standard Webhooks headers; empty = unsigned)"))
+        "whsec_<base64> secret that signs every webhook (Standard Webhooks headers; empty = unsigned)",
+        group="webhooks"))
     webhook_deny_private: bool = field(default=False, metadata=_meta(
-        "refuse webhooks to loopback and private addresses too (link-local and metadata ones always are)"))
-    log_level: str = field(default="info", metadata=_meta("debug, info, warning or error"))
+        "refuse webhooks to loopback and private addresses too (link-local and metadata ones always are)",
+        group="webhooks"))
+    log_level: str = field(default="info", metadata=_meta("debug, info, warning or error", group="logging"))
+    log_format: str = field(default="text", metadata=_meta(
+        "text (one line per event, for people) or json (one object per line, for log collectors)", group="logging"))
 
     @property
     def state_path(self) -> Path:
@@ -198,6 +241,7 @@ def _options_from_fields() -> tuple[Option, ...]:
             legacy_env=f.metadata["legacy_env"],
             minimum=f.metadata["minimum"],
             aliases=f.metadata["aliases"],
+            group=f.metadata["group"],
         ))
     return tuple(options)
 
@@ -219,7 +263,7 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
     return value
 
 
-_PATHS = ("state_dir", "api_keys_file")  # options that name a file or folder
+_PATHS = ("state_dir", "api_keys_file", "files_dir")  # options that name a file or folder
 
 
 def webhook_signing_key(secret: str) -> bytes:
@@ -281,7 +325,13 @@ def load_settings(
             values[option.name] = option.default
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise SettingsError(f"log level must be debug, info, warning or error, not {values['log_level']!r}")
+    if values["log_format"] not in ("text", "json"):
+        raise SettingsError(f"--log-format (FASTDEPLOY_LOG_FORMAT) must be text or json, not {values['log_format']!r}")
     cors_origin_list(values["cors_origins"])  # a malformed origin stops the command, naming the option
+    try:  # a malformed device list stops the command, naming the option
+        values["devices"] = ",".join(parse_devices(values["devices"]))
+    except ValueError as exc:
+        raise SettingsError(f"--devices (FASTDEPLOY_DEVICES): {exc}") from None
     if values["webhook_secret"]:
         webhook_signing_key(values["webhook_secret"])  # a malformed secret stops the command, naming the option
     for name in _PATHS:  # relative to where the command was started, not to the recipe folder children run in

@@ -27,6 +27,7 @@ from pathlib import Path
 from fastdeploy.errors import SettingsError
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings
+from fastdeploy.state_folder import create_state_folder
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def load_or_create(state_dir: Path) -> str:
 
 
 def _create(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    create_state_folder(path.parent)
     secret = os.urandom(32).hex()
     aside = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
     fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -15,6 +15,7 @@ servers why, so /ready, /sync and /async say it at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastdeploy import store_secret
+from fastdeploy import __version__, devices, store_secret
 from fastdeploy.errors import FastDeployError
 from fastdeploy.jobs import STARTUP_FAILURE, WorkerInfo
 from fastdeploy.recipe import Recipe
@@ -64,6 +65,7 @@ class Child:
     ready: bool = False  # this process reported itself ready
     ever_ready: bool = False  # some process of this slot did: its deaths are restarted, never fatal
     failed_starts: int = 0  # processes in a row that died before they were ready
+    placement: Optional[devices.Placement] = None  # a loop's device and the variables that put it there
 
 
 _SECRETS_OF_THE_OTHER_ROLE = {
@@ -99,6 +101,7 @@ class Supervisor:
         self._listener: Optional[socket.socket] = None
         self._store: Optional[Store] = None
         self._announced_ready = False
+        self._started = time.monotonic()  # for "ready in N s"
         self._metrics_dir: Optional[Path] = None
         self._fatal: Optional[str] = None  # why the service stops by itself (a predictor that cannot start)
         self._failing: dict[int, str] = {}  # stage -> why its loops keep failing to start
@@ -125,6 +128,9 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.request_stop)
         signal.signal(signal.SIGHUP, self._reload)
+        parts = [("API servers", self.serve_api), ("prediction loops", self.run_loops)]
+        log.info("fastDeploy %s: starting %s for %r", __version__, " and ".join(p for p, on in parts if on),
+                 self.recipe.name)
         self._store = open_store(self.settings.broker, self.settings.state_path)
         try:
             if self.serve_api:  # first: a second instance on a taken port must not touch the first's jobs
@@ -136,6 +142,8 @@ class Supervisor:
             checkpoints = threading.Thread(target=self._checkpoint_forever, name="checkpoint", daemon=True)
             checkpoints.start()
             self._start_children()
+            if not self.run_loops:  # API servers only: they answer once loops elsewhere join
+                self._announce_urls()
             while not self._stop.wait(WATCH_SECONDS):
                 self._watch()
             self._shutdown()
@@ -221,7 +229,7 @@ class Supervisor:
             listener.listen(4096)
             listener.set_inheritable(True)
         self._listener = listener
-        log.info("fastDeploy: serving %r on http://%s:%d", self.recipe.name, self.settings.host, self.port)
+        log.debug("listening on %s:%d", self.settings.host, self.port)
 
     def _port_taken(self, exc: OSError) -> str:
         return (f"cannot listen on {self.settings.host}:{self.settings.port} ({exc.strerror or exc}); "
@@ -248,14 +256,29 @@ class Supervisor:
 
     def _start_children(self) -> None:
         if self.run_loops:
+            placements = self._placements()
             for stage in self.stages:
-                for _ in range(self.settings.replicas):
-                    self.children.append(Child("loop", stage=stage))
+                self.children.extend(Child("loop", stage=stage, placement=p) for p in placements)
         if self.serve_api:
             for _ in range(self.settings.api_processes):
                 self.children.append(Child("api"))
         for child in self.children:
             self._spawn(child)
+
+    def _placements(self) -> list[devices.Placement]:
+        """Each stage's loop slots, one device each (``--devices``, ``--replicas-per-device``); with no
+        ``--threads``, each loop's share of the cores follows from how many loops this host runs."""
+        s = self.settings
+        found = devices.resolve(s.devices, os.environ)
+        placements = devices.plan(found, s.replicas, s.replicas_per_device, os.environ)
+        if found.gpus and s.replicas > 1:
+            log.warning("--replicas %d counts CPU loops; on GPUs each stage runs --replicas-per-device (%d) "
+                        "loops per GPU", s.replicas, s.replicas_per_device)
+        if not s.threads:
+            loops = len(placements) * len(self.stages)
+            self.settings = dataclasses.replace(s, threads=max(1, (os.cpu_count() or 1) // loops))
+        log.info("prediction loops per stage: %s (devices: %s)", devices.describe(placements), found.found_by)
+        return placements
 
     def _command(self, child: Child, fd: int) -> list[str]:
         """``fd``: an API server's listening socket, or the end of a loop's report pipe it writes to."""
@@ -274,7 +297,8 @@ class Supervisor:
         for name in _SECRETS_OF_THE_OTHER_ROLE[child.role]:
             env.pop(name, None)
         if child.role == "loop":
-            assert child.stage is not None
+            assert child.stage is not None and child.placement is not None
+            env.update(child.placement.env)
             child.worker_id = new_worker_id(child.stage)
             child.ready = False
             child.report_fd, fd = os.pipe()
@@ -412,7 +436,19 @@ class Supervisor:
         ):
             self._announced_ready = True
             sizes = {w.stage: w.batch_size for w in workers if w.ready}
-            log.info("fastDeploy: ready (batch sizes by stage: %s)", sizes)
+            log.info("fastDeploy: %r ready in %.1f s (%s)", self.recipe.name, time.monotonic() - self._started,
+                     ", ".join(f"stage {s}: batch size {b}" for s, b in sorted(sizes.items())))
+            if self.serve_api:
+                self._announce_urls()
+
+    def _announce_urls(self) -> None:
+        """Where to go next: the API, its interactive page and the status page."""
+        host = self.settings.host
+        shown = "localhost" if host in ("", "0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+        base = f"http://{shown}:{self.port}"
+        log.info("API:         %s  (POST /sync, /async; listening on %s)", base, host or "every address")
+        log.info("API docs:    %s/docs", base)
+        log.info("status page: %s/", base)
 
     def _recovered(self, stage: int) -> None:
         assert self._store is not None

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from typing import AsyncIterator, Awaitable, Callable, NamedTuple, Optional
+from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, NamedTuple, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,19 +27,21 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fastdeploy import bodies
+from fastdeploy import bodies, logs, uploads
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
 from fastdeploy.http.auth import ApiKeys
 from fastdeploy.http.infer import Wire
+from fastdeploy.http import pages
 from fastdeploy.http.openapi import openapi_document
 from fastdeploy.jobs import BATCH_BUCKETS
 from fastdeploy.metrics import Metrics
-from fastdeploy.payloads import Body, parse_request, parse_unique_id
+from fastdeploy.payloads import Body, ParsedRequest, parse_request, parse_unique_id
 from fastdeploy.recipe import Recipe
 from fastdeploy.service import SNAPSHOT_SECONDS, Answer, Service
 from fastdeploy.settings import Settings
+from fastdeploy.status import StatusBoard
 from fastdeploy.store import Backend, open_backend
 from fastdeploy.tasks import keep_running
 from fastdeploy.webhooks import WebhookSender
@@ -47,15 +49,18 @@ from fastdeploy.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type"]  # what a browser client may send
+SEND_SLICE_BYTES = 1024 * 1024  # a larger answer is sent a slice at a time (see _send)
+CORS_HEADERS = ["Authorization", "X-API-Key", "Content-Type", logs.REQUEST_ID_HEADER]  # what a browser client may send
+REQUEST_ID = "fastdeploy.request_id"  # the request's id in the ASGI scope where its reply is stamped as it is built
 ONLY_ASYNC_REASON = "this server only takes /async requests (ONLY_ASYNC is set); poll /result for the prediction"
 
 
 class Reply(NamedTuple):
-    """An HTTP answer: status, body, extra headers and content type (a tuple: built per request)."""
+    """An HTTP answer: status, body (in one piece or in parts), extra headers and content type (a
+    tuple: built per request)."""
 
     status: int
-    body: bytes
+    body: bodies.Body
     headers: Optional[dict[str, str]] = None
     media_type: str = JSON
 
@@ -80,6 +85,7 @@ class ApiProcess:
         self._backend: Optional[Backend] = None
         self._service: Optional[Service] = None
         self._metrics: Optional[Metrics] = None
+        self._status: Optional[StatusBoard] = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parent = os.getppid()
 
@@ -93,11 +99,22 @@ class ApiProcess:
         assert self._metrics is not None, "the API process has not started"
         return self._metrics
 
+    @functools.lru_cache(maxsize=1)  # noqa: B019 (one ApiProcess per process, alive as long as it)
+    def openapi_body(self) -> bytes:
+        """The OpenAPI document, built when first asked for (it reads the recipe's example files)."""
+        return bodies.document(openapi_document(self.recipe))
+
+    @property
+    def status(self) -> StatusBoard:
+        assert self._status is not None, "the API process has not started"
+        return self._status
+
     async def start(self) -> None:
         s = self.settings
         backend = self._backend = open_backend(s.broker, s.state_path, s.spin_seconds)
         self._service = Service(s, self.recipe, backend.store, backend.doorbell)
         self._metrics = Metrics(self.service.snapshot, BATCH_BUCKETS, self._metrics_dir, backend.doorbell.STATS)
+        self._status = StatusBoard(self.service, self.metrics.request_summary)
         await self.service.start()
         if self.settings.api_keys_file:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
@@ -159,6 +176,9 @@ async def answer(
         reply = error_reply(exc, endpoint)
     if counted:
         api.metrics.observe(endpoint, reply.status, time.perf_counter() - started)
+    if log.isEnabledFor(logging.DEBUG):  # an access line (with the request's id, and its job's) only at debug
+        log.debug("%s %s answered %d in %.1f ms", scope["method"], scope["path"], reply.status,
+                  (time.perf_counter() - started) * 1000)
     return reply
 
 
@@ -200,6 +220,10 @@ async def sync_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply
     s = api.settings
     if s.only_async:
         raise BadRequest(ONLY_ASYNC_REASON)
+    if _multipart(api, scope):
+        async with _upload(api, scope, receive, sync=True) as request:
+            return Reply.of(await api.service.predict_sync(
+                request, scope[OWNER], functools.partial(_disconnected, receive)))
     # no local keeps the parsed request: the service drops it once the job's payload is made
     return Reply.of(await api.service.predict_sync(
         parse_request(await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=True,
@@ -230,18 +254,39 @@ async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
         return Reply(status, body, headers or None, media_type)
     if done.status == 499:
         return Reply(499, b"")  # nobody reads it
-    status, body, media_type = wire.answer(done.status, done.body, request.keys)
+    status, body, media_type = wire.answer(done.status, done.content, request.keys)
     return Reply(status, body, None, media_type)
 
 
 async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
     s = api.settings
+    if _multipart(api, scope):
+        async with _upload(api, scope, receive, sync=False) as request:
+            return Reply(200, bodies.accepted(await api.service.submit_async(request, scope[OWNER])))
     unique_id = await api.service.submit_async(parse_request(
         await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=False,
         max_items=s.max_per_client_batch, allowed_webhook_hosts=s.allowed_webhook_hosts,
         deny_private_webhooks=s.webhook_deny_private,
     ), scope[OWNER])
     return Reply(200, bodies.accepted(unique_id))
+
+
+def _multipart(api: ApiProcess, scope: Scope) -> bool:
+    """Whether the body is multipart/form-data: files streamed to disk (``uploads``), FILE recipes only."""
+    content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+    if not uploads.is_multipart(content_type):
+        return False
+    if not api.recipe.is_file:
+        raise BadRequest('this recipe takes JSON inputs: multipart/form-data is for FILE recipes; send '
+                         'Content-Type: application/json with {"data": [...]}')
+    return True
+
+
+def _upload(api: ApiProcess, scope: Scope, receive: Receive, sync: bool) -> AsyncContextManager[ParsedRequest]:
+    headers = dict(scope["headers"])
+    length = headers.get(b"content-length", b"")
+    return uploads.uploaded_request(headers.get(b"content-type", b""), int(length) if length.isdigit() else None,
+                                    receive, api.settings, sync=sync)
 
 
 async def result_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -283,7 +328,32 @@ async def metrics_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Re
 
 
 async def openapi_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    return Reply(200, bodies.document(openapi_document(api.recipe)))
+    return Reply(200, api.openapi_body())
+
+
+async def status_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    """GET /status.json: what the status page shows (``fastdeploy.status``)."""
+    return Reply(200, bodies.document(await api.status.document()), {"Cache-Control": "no-store"})
+
+
+async def status_page_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    page = pages.own("status.html")
+    return Reply(200, page.body, pages.PAGE_HEADERS, page.media_type)
+
+
+async def docs_page_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    page = pages.own("docs.html")
+    return Reply(200, page.body, pages.PAGE_HEADERS, page.media_type)
+
+
+async def static_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    asset = pages.own(scope["path_params"]["name"])
+    return Reply(200, asset.body, pages.PAGE_HEADERS, asset.media_type)  # ours change with each version
+
+
+async def swagger_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
+    asset = pages.swagger(scope["path_params"]["name"])
+    return Reply(200, asset.body, pages.ASSET_HEADERS, asset.media_type)
 
 
 # -- Starlette glue ---------------------------------------------------------------------
@@ -291,12 +361,22 @@ def _route(path: str, endpoint: str, handler: Handler, counted: bool = True, pub
     """A Starlette route for a handler; ``endpoint`` names it in logs and, when ``counted``, in the
     request metrics; a ``public`` one needs no API key."""
 
-    async def run(request: Request) -> Response:
-        api: ApiProcess = request.app.state.api
-        reply = await answer(endpoint, api, handler, request.scope, request.receive, counted, public)
-        return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=reply.headers)
+    async def run(scope: Scope, receive: Receive, send: Send) -> None:  # an ASGI endpoint: bodies in parts too
+        api: ApiProcess = scope["app"].state.api
+        await _send(send, await answer(endpoint, api, handler, scope, receive, counted, public))
 
-    return Route(path, run, methods=["GET"] if handler not in _POSTS else ["POST"])
+    return Route(path, _Asgi(run), methods=["GET"] if handler not in _POSTS else ["POST"])
+
+
+class _Asgi:
+    """An ASGI callable Starlette's Route takes as an app (a plain function it would wrap as a
+    request -> response endpoint)."""
+
+    def __init__(self, run: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._run(scope, receive, send)
 
 
 _POSTS = {sync_handler, infer_handler, async_handler, result_handler, cancel_handler}
@@ -317,12 +397,41 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return Response(bodies.failure(detail), status_code=status, media_type=JSON, headers=headers or None)
 
 
-async def _send(send: Send, reply: Reply) -> None:
-    headers = [(b"content-type", reply.media_type.encode()), (b"content-length", str(len(reply.body)).encode())]
+async def _send(send: Send, reply: Reply, request_id: Optional[str] = None) -> None:
+    """Send a reply. A body in parts, or larger than ``SEND_SLICE_BYTES``, goes out a slice at a
+    time: the server waits for the socket to take each one, so no copy of a large answer builds
+    up in its write buffer while a client reads slowly."""
+    parts = (reply.body,) if isinstance(reply.body, bytes) else reply.body
+    length = sum(len(part) for part in parts)
+    headers = [(b"content-type", reply.media_type.encode()), (b"content-length", str(length).encode())]
     if reply.headers:
         headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers.items()]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body})
+    if length <= SEND_SLICE_BYTES:  # nearly every answer: one message
+        await send({"type": "http.response.body", "body": parts[0] if len(parts) == 1 else b"".join(parts)})
+        return
+    sent = 0
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), SEND_SLICE_BYTES):
+            piece = bytes(view[start:start + SEND_SLICE_BYTES])
+            sent += len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": sent < length})
+
+
+def _stamped(send: Send, request_id: str) -> Send:
+    """``send`` that adds ``X-Request-ID`` to a reply's head, for replies built elsewhere (Starlette's
+    routes and errors, the CORS middleware's preflights)."""
+    header = (b"x-request-id", request_id.encode())
+
+    async def stamp(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return stamp
 
 
 class FastDeployApp:
@@ -344,6 +453,11 @@ class FastDeployApp:
             _route("/metrics", "metrics", metrics_handler, counted=False, public=settings.metrics_open),
             _route("/prometheus_metrics", "metrics", metrics_handler, counted=False, public=settings.metrics_open),
             _route("/openapi.json", "openapi", openapi_handler, counted=False),
+            _route("/status.json", "status", status_handler, counted=False),
+            _route("/", "status_page", status_page_handler, counted=False, public=True),
+            _route("/docs", "docs", docs_page_handler, counted=False, public=True),
+            _route("/static/{name}", "static", static_handler, counted=False, public=True),
+            _route("/docs/{name}", "docs_asset", swagger_handler, counted=False, public=True),
         ]
         self.framework = Starlette(
             routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: http_error}
@@ -353,7 +467,8 @@ class FastDeployApp:
         if settings.cors_origin_list:
             self._cors = CORSMiddleware(
                 self._dispatch, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
-                allow_headers=CORS_HEADERS, expose_headers=["Retry-After", "WWW-Authenticate"], max_age=600,
+                allow_headers=CORS_HEADERS, max_age=600,
+                expose_headers=["Retry-After", "WWW-Authenticate", logs.REQUEST_ID_HEADER],
             )
 
     @contextlib.asynccontextmanager
@@ -365,21 +480,28 @@ class FastDeployApp:
             await self.api.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._cors is not None:
-            await self._cors(scope, receive, send)
+        if scope["type"] != "http":  # the lifespan
+            await (self._cors or self._dispatch)(scope, receive, send)
+            return
+        request_id = logs.request_id(scope["headers"])  # this request's log lines carry it from here
+        if self._cors is not None:  # it answers preflights itself: every reply is stamped on its way out
+            await self._cors(scope, receive, _stamped(send, request_id))
         else:
+            scope[REQUEST_ID] = request_id
             await self._dispatch(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         """POST /sync and POST /infer (3.x clients send nothing else) straight to their handlers."""
+        request_id: Optional[str] = scope.get(REQUEST_ID)  # None: stamped on the way out, or the lifespan
         if scope["type"] == "http" and scope["method"] == "POST":
             if scope["path"] == "/sync":
-                await _send(send, await answer("sync", self.api, sync_handler, scope, receive))
+                await _send(send, await answer("sync", self.api, sync_handler, scope, receive), request_id)
                 return
             if scope["path"] == "/infer":
-                await _send(send, await answer("infer", self.api, infer_handler, scope, receive, public=True))
+                await _send(send, await answer("infer", self.api, infer_handler, scope, receive, public=True),
+                            request_id)
                 return
-        await self.framework(scope, receive, send)
+        await self.framework(scope, receive, send if request_id is None else _stamped(send, request_id))
 
 
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Any
 
 from fastdeploy import __version__
@@ -83,11 +85,38 @@ def _data_and_prediction(file_mode: bool) -> tuple[dict[str, Any], dict[str, Any
             {"type": "array", "items": {}, "description": "one output per input, in order"})
 
 
-def openapi_document(recipe: Recipe) -> dict[str, Any]:
-    data, prediction = _data_and_prediction(recipe.is_file)
-    priority, webhook = PRIORITY, WEBHOOK
-    failure = _obj({"success": {"type": "boolean", "enum": [False]}, "reason": {"type": "string"}}, ["success", "reason"])
-    result = _obj({
+EXAMPLE_FILES_BYTES = 256 * 1024  # larger example files are left out of the page (a browser would hold them)
+
+
+def _example(recipe: Recipe) -> Any:
+    """The recipe's own example as a request's ``data``, so "Try it out" on /docs works as it is."""
+    if not recipe.is_file:
+        return recipe.example
+    files = [Path(p) for p in recipe.example_paths()]
+    if sum(p.stat().st_size for p in files if p.is_file()) > EXAMPLE_FILES_BYTES:
+        return None
+    return {p.name: base64.b64encode(p.read_bytes()).decode() for p in files if p.is_file()}
+
+
+def _form(webhook: bool) -> dict[str, Any]:
+    """A multipart body: every part is a file (its field name, else its file name, is the key),
+    except the option fields."""
+    options: dict[str, Any] = {
+        "priority": {"type": "integer", "minimum": 0, "maximum": 9, "description": PRIORITY["description"]},
+        "unique_id": {**UNIQUE_ID},
+    }
+    if webhook:
+        options["webhook"] = {"type": "string", "format": "uri", "maxLength": MAX_WEBHOOK_URL,
+                              "description": WEBHOOK["description"]}
+    return {"schema": {"type": "object", "properties": options,
+                       "additionalProperties": {"type": "string", "format": "binary"},
+                       "description": "files streamed to disk as they arrive (--max-file-mb each, --max-upload-mb in "
+                                      "all), e.g. curl -F a.png=@a.png; option fields as text"}}
+
+
+def _result(prediction: dict[str, Any]) -> dict[str, Any]:
+    """The answer of /result."""
+    return _obj({
         "unique_id": {"type": "string"},
         "status": {"type": "string", "enum": ["queued", "processing", "done", "failed", "cancelled", "not_found"]},
         "success": {"type": ["boolean", "null"]},
@@ -95,16 +124,31 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
         "reason": {"type": "string"},
     }, ["unique_id", "status", "success"])
 
-    def post(summary: str, body: dict[str, Any], ok: dict[str, Any], codes: list[str]) -> dict[str, Any]:
-        responses = {"200": {"description": "ok", "content": {"application/json": {"schema": ok}}}}
-        for code in codes:
-            responses[code] = {"description": "failure", "content": {"application/json": {"schema": failure}}}
-        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-                         "responses": responses}}
 
-    def get(summary: str, codes: list[str]) -> dict[str, Any]:
-        responses = {code: {"description": summary} for code in codes}
-        return {"get": {"summary": summary, "responses": responses}}
+def get(summary: str, codes: list[str]) -> dict[str, Any]:
+    """A GET endpoint whose answers are described in words only."""
+    return {"get": {"summary": summary, "responses": {code: {"description": summary} for code in codes}}}
+
+
+def openapi_document(recipe: Recipe) -> dict[str, Any]:
+    data, prediction = _data_and_prediction(recipe.is_file)
+    example = _example(recipe)
+    priority, webhook = PRIORITY, WEBHOOK
+    failure = _obj({"success": {"type": "boolean", "enum": [False]}, "reason": {"type": "string"}}, ["success", "reason"])
+    result = _result(prediction)
+
+    def post(summary: str, body: dict[str, Any], ok: dict[str, Any], codes: list[str],
+             with_example: bool = False) -> dict[str, Any]:
+        responses = {"200": {"description": "ok", "content": {"application/json": {"schema": ok}}}}
+        responses.update({code: {"description": "failure", "content": {"application/json": {"schema": failure}}}
+                          for code in codes})
+        # the recipe's example: "Try it out" on /docs works as it is
+        media = {"schema": body, **({"example": {"data": example}} if with_example and example is not None else {})}
+        content = {"application/json": media}
+        if with_example and recipe.is_file:  # /sync and /async of a FILE recipe: files as multipart too
+            content["multipart/form-data"] = _form(webhook=body["properties"]["webhook"] is WEBHOOK)
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": content},
+                         "responses": responses}}
 
     return {
         "openapi": "3.1.0",
@@ -118,13 +162,13 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
                           _obj({"data": data, "priority": priority, "webhook": NO_WEBHOOK,
                                 "unique_id": NULLABLE_UNIQUE_ID}, ["data"]),
                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}, "prediction": prediction}),
-                          ["400", "401", "409", "413", "429", "500", "503", "504"]),
+                          ["400", "401", "409", "413", "429", "500", "503", "504"], with_example=True),
             "/infer": _infer(recipe.is_file),
             "/async": post("Queue a prediction; poll /result or receive a webhook",
                            _obj({"data": data, "priority": priority, "webhook": webhook, "unique_id": NULLABLE_UNIQUE_ID},
                                 ["data"]),
                            _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}}),
-                           ["400", "401", "409", "413", "429", "503"]),
+                           ["400", "401", "409", "413", "429", "503"], with_example=True),
             "/result": post("Read a job's status and result", _obj({"unique_id": {"type": "string"}}, ["unique_id"]),
                             result, ["400", "401", "404"]),
             "/cancel": post("Cancel a queued job, or discard the outcome of one being predicted",
@@ -137,5 +181,7 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
             "/meta": get("Recipe, stages, batch sizes, workers and limits", ["200"]),
             "/metrics": get("Prometheus metrics", ["200"]),
             "/prometheus_metrics": get("Prometheus metrics (the fastDeploy 3.x name of /metrics)", ["200"]),
+            "/status.json": get("What the status page (GET /) shows: the service, stages, loops, requests, "
+                                "failures and the webhook outbox, as running totals", ["200", "401"]),
         },
     }

@@ -42,6 +42,24 @@ class WebhookDelivery:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A job that failed, as the status page lists it: when, which, why."""
+
+    at: float
+    unique_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """The webhook outbox: deliveries waiting now, and those delivered or given up so far."""
+
+    pending: int
+    delivered: int
+    failed: int
+
+
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` with its backend's errors turned into StoreUnavailable."""
 
@@ -171,6 +189,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def webhook_failed(self, job_id: str, error: str) -> None:
         """Give a webhook up: it leaves the outbox, and ``get`` shows it ``failed`` with ``error``."""
+
+    # -- what an operator sees -------------------------------------------------
+    @abc.abstractmethod
+    def recent_failures(self, limit: int) -> list[Failure]:
+        """The last ``limit`` jobs that failed, newest first (cheap: read once a second per open page)."""
+
+    @abc.abstractmethod
+    def outbox(self) -> Outbox:
+        """Webhooks waiting, and webhooks delivered and given up since the store was created."""
 
     # -- lifecycle ------------------------------------------------------------
     def checkpoint(self) -> None:  # noqa: B027 (optional hook)

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from fastdeploy.bodies import result_document
 from fastdeploy.errors import JobExists, SettingsError, StoreUnavailable
 from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
-from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
+from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ class Keys:
     @property
     def turns(self) -> str:  # hash: stage -> the lane (owner) its last claim ended with
         return f"{self.prefix}:turns"
+
+    @property
+    def failures(self) -> str:  # list: the last FAILURES_KEPT failed jobs, newest first, as JSON [time, id, reason]
+        return f"{self.prefix}:failures"
+
+    @property
+    def tallies(self) -> str:  # hash: counters since the store was created (webhooks delivered, failed)
+        return f"{self.prefix}:tallies"
 
     @property
     def results(self) -> str:  # pub/sub channel: newline-separated ids of finished jobs nobody waits for here
@@ -152,9 +160,9 @@ class Keys:
         return f"{self.prefix}:*"
 
     def script_keys(self) -> list[str]:
-        """KEYS[1..9] of every script, in the order _LUA_PRELUDE names them."""
+        """KEYS[1..11] of every script, in the order _LUA_PRELUDE names them."""
         return [self.seq, self.leased, self.finished, self.outbox, self.stages, self.config, self.workers, self.seen,
-                self.turns]
+                self.turns, self.failures, self.tallies]
 
     def script_prefixes(self) -> list[str]:
         """ARGV[1..7] of every script, in the order _LUA_PRELUDE names them."""
@@ -167,12 +175,14 @@ class Keys:
 _LUA_PRELUDE = """
 local K_SEQ, K_LEASED, K_FINISHED, K_OUTBOX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_STAGES, K_CONFIG, K_WORKERS, K_SEEN, K_TURNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_FAILURES, K_TALLIES = KEYS[10], KEYS[11]
 local P_JOB, P_QUEUE, P_HELD, P_BELL, P_HOOK, CH_RESULTS = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local P_LANES = ARGV[7]
 local A = 8  -- first argument of the script itself
 local SCORE_SCALE = 1000000000000
 local BELL_TOKENS = 16
 local BELL_TTL = 60
+local FAILURES_KEPT = 50
 
 local function ring_jobs(stage)
   local key = P_BELL .. stage
@@ -216,6 +226,10 @@ local function finalize(id, now, fields)
   redis.call('HDEL', jk, 'payload', 'lease_until')
   redis.call('HSET', jk, 'worker', '', 'finished', now, unpack(fields))
   redis.call('ZADD', K_FINISHED, now, id)
+  if fields[2] == 'failed' then
+    redis.call('LPUSH', K_FAILURES, cjson.encode({tonumber(now), id, fields[4]}))
+    redis.call('LTRIM', K_FAILURES, 0, FAILURES_KEPT - 1)
+  end
   local ttl = tonumber(redis.call('HGET', K_CONFIG, 'result_ttl'))
   if ttl then redis.call('PEXPIRE', jk, math.floor(ttl * 1000)) end
   if f[4] and f[4] ~= '' then
@@ -509,7 +523,8 @@ return 1
 _LUA_WEBHOOK_END = """
 local id = ARGV[A]
 redis.call('ZREM', K_OUTBOX, id)
-if redis.call('EXISTS', P_HOOK .. id) == 1 then
+if redis.call('HGET', P_HOOK .. id, 'status') == 'pending' then
+  redis.call('HINCRBY', K_TALLIES, 'webhooks_' .. ARGV[A + 1], 1)
   redis.call('HINCRBY', P_HOOK .. id, 'attempts', 1)
   redis.call('HSET', P_HOOK .. id, 'status', ARGV[A + 1], 'last_error', ARGV[A + 2])
 end
@@ -818,6 +833,24 @@ class RedisStore(Store):
 
     def webhook_failed(self, job_id: str, error: str) -> None:
         self._run(self._end_hook, job_id, "failed", error)
+
+    # -- what an operator sees -------------------------------------------------
+    def recent_failures(self, limit: int) -> list[Failure]:
+        failures = []
+        for raw in self._redis.lrange(self.keys.failures, 0, max(0, limit - 1)):
+            try:
+                at, job_id, reason = orjson.loads(raw)
+                failures.append(Failure(float(at), str(job_id), str(reason)))
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                log.warning("skipped an unreadable entry in %s", self.keys.failures)
+        return failures
+
+    def outbox(self) -> Outbox:
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.outbox)
+            pipe.hmget(self.keys.tallies, "webhooks_delivered", "webhooks_failed")
+            pending, (delivered, failed) = pipe.execute()
+        return Outbox(int(pending), int(delivered or 0), int(failed or 0))
 
     # -- for tests and operators ------------------------------------------------
     def delete_all(self) -> int:

@@ -23,7 +23,8 @@ from typing import Iterator, Optional, Sequence
 from fastdeploy.bodies import result_document
 from fastdeploy.errors import JobExists, StoreUnavailable
 from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
-from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Store, WebhookDelivery
+from fastdeploy.state_folder import create_state_folder
+from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Store, WebhookDelivery
 from fastdeploy.store.fairness import WeighedJob, fair_share
 from fastdeploy.store.local_doorbell import API_ROLE, MAX_DATAGRAM, Bells, bell_folder, stage_role
 from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_lanes ON jobs(stage, owner, priority, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(worker) WHERE status = 'processing';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs(finished) WHERE status = 'failed';
 CREATE TABLE IF NOT EXISTS payloads (
     id TEXT PRIMARY KEY,
     data BLOB NOT NULL
@@ -80,6 +82,11 @@ CREATE TABLE IF NOT EXISTS webhooks (
     lease_until REAL,
     status TEXT NOT NULL DEFAULT 'pending',  -- pending (in the outbox), delivered, failed
     last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks(next_at) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS tallies (  -- counters since the store was created: webhooks delivered, failed
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 """
 
@@ -238,6 +245,13 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     db.execute("DROP INDEX IF EXISTS jobs_queue")  # one queue order (by lane) is kept now
 
 
+def _tally(db: sqlite3.Connection, name: str) -> None:
+    """Count one more of ``name`` (only when the statement before it changed a row)."""
+    if db.execute("SELECT changes()").fetchone()[0]:
+        db.execute("INSERT INTO tallies (name, value) VALUES (?, 1)"
+                   " ON CONFLICT (name) DO UPDATE SET value = value + 1", (name,))
+
+
 def _id_messages(ids: Sequence[str]) -> list[bytes]:
     return id_messages(ids, MAX_DATAGRAM)
 
@@ -251,7 +265,7 @@ class SQLiteStore(Store):
 
     def __init__(self, state_dir: Path) -> None:
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
+            create_state_folder(state_dir)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create the state folder {state_dir}: {exc}") from None
         self.path = state_dir / "jobs.sqlite3"
@@ -697,7 +711,8 @@ class SQLiteStore(Store):
     def webhook_delivered(self, job_id: str) -> None:
         with self._write() as db:
             db.execute("UPDATE webhooks SET status = 'delivered', attempts = attempts + 1, lease_until = NULL,"
-                       " last_error = NULL, body = X'' WHERE job_id = ?", (job_id,))
+                       " last_error = NULL, body = X'' WHERE job_id = ? AND status = 'pending'", (job_id,))
+            _tally(db, "webhooks_delivered")
 
     def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
         with self._write() as db:
@@ -710,4 +725,16 @@ class SQLiteStore(Store):
     def webhook_failed(self, job_id: str, error: str) -> None:
         with self._write() as db:
             db.execute("UPDATE webhooks SET status = 'failed', attempts = attempts + 1, lease_until = NULL,"
-                       " last_error = ?, body = X'' WHERE job_id = ?", (error, job_id))
+                       " last_error = ?, body = X'' WHERE job_id = ? AND status = 'pending'", (error, job_id))
+            _tally(db, "webhooks_failed")
+
+    # -- what an operator sees -------------------------------------------------
+    def recent_failures(self, limit: int) -> list[Failure]:
+        rows = self._read("SELECT finished, id, reason FROM jobs WHERE status = 'failed' ORDER BY finished DESC"
+                          " LIMIT ?", (limit,))
+        return [Failure(at or 0.0, job_id, reason or "") for at, job_id, reason in rows]
+
+    def outbox(self) -> Outbox:
+        ((pending,),) = self._read("SELECT count(*) FROM webhooks WHERE status = 'pending'")
+        tallies = dict(self._read("SELECT name, value FROM tallies"))
+        return Outbox(pending, tallies.get("webhooks_delivered", 0), tallies.get("webhooks_failed", 0))

@@ -44,7 +44,7 @@ def test_batch_size_is_measured_when_not_fixed(tmp_path):
     with serve(TEST_RECIPES / "slow", env={"FD_TEST_SLEEP": "0.0"}) as server:
         stage = server.get("/meta").json()["stages"][0]
         assert stage["batch_size"] >= 1
-        assert "batch size search" in server.log()
+        assert "searching for the batch size" in server.log() and "<- chosen" in server.log()
 
 
 def test_chain_runs_stages_in_order_each_batched(tmp_path):

@@ -129,7 +129,10 @@ def test_json_recipe_keeps_its_openapi_contract(case, echo_server):
 
 @files.parametrize()
 def test_file_recipe_keeps_its_openapi_contract(case, files_server):
-    case.call_and_validate(checks=CHECKS, timeout=30)
+    # a form carries text only: a "wrong type" (priority 2 sent as the text "2") cannot be told from
+    # a right one there, so multipart cases are not held to rejecting them; every other check holds
+    form = case.media_type == "multipart/form-data"
+    case.call_and_validate(checks=[c for c in CHECKS if not (form and c is negative_data_rejection)], timeout=30)
 
 
 def test_the_file_recipe_really_predicts(files_server: Server) -> None:

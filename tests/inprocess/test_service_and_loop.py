@@ -41,7 +41,7 @@ async def finished_result(service, job_id: str) -> dict:
     async def done():
         answer = await service.result(job_id)
         assert answer.status == 200, answer
-        body = orjson.loads(answer.body)
+        body = orjson.loads(answer.content)
         return body if body["status"] in ("done", "failed") else None
 
     return await async_wait_until(done, what=f"job {job_id} finished")
@@ -59,7 +59,7 @@ def test_predict_sync_answers_the_prediction_and_the_job_shows_done(inproc):
         async with inproc.service(settings, recipe) as service:
             answer = await service.predict_sync(sync_request("hello", {"a": 1}, [1, 2, 3], 4.5))
             assert answer.status == 200, answer
-            body = orjson.loads(answer.body)
+            body = orjson.loads(answer.content)
             assert body["success"] is True
             assert body["prediction"] == ["hello", {"a": 1}, [1, 2, 3], 4.5]
             job_id = body["unique_id"]
@@ -67,7 +67,7 @@ def test_predict_sync_answers_the_prediction_and_the_job_shows_done(inproc):
 
             stored = await service.result(job_id)
             assert stored.status == 200
-            assert orjson.loads(stored.body) == {
+            assert orjson.loads(stored.content) == {
                 "unique_id": job_id, "status": "done", "success": True,
                 "prediction": ["hello", {"a": 1}, [1, 2, 3], 4.5],
             }
@@ -87,7 +87,7 @@ def test_an_unknown_id_is_404(inproc):
         async with inproc.service(settings, recipe) as service:
             answer = await service.result("no-such-job")
             assert answer.status == 404
-            body = orjson.loads(answer.body)
+            body = orjson.loads(answer.content)
             assert body["status"] == "not_found" and body["success"] is False and "no-such-job" in body["reason"]
 
     run(scenario())
@@ -104,7 +104,7 @@ def test_submit_async_then_poll_the_result_until_done(inproc):
     async def scenario():
         async with inproc.service(settings, recipe) as service:
             job_id = await service.submit_async(async_request({"x": 1}, "two"))
-            first = orjson.loads((await service.result(job_id)).body)
+            first = orjson.loads((await service.result(job_id)).content)
             assert first["unique_id"] == job_id
             assert first["status"] in ("queued", "processing", "done")
             body = await finished_result(service, job_id)
@@ -123,7 +123,7 @@ def test_async_jobs_wait_in_the_queue_until_a_loop_starts(inproc):
             await service.refresh()
             assert service.snapshot()[0] == [3]  # queue depth of stage 0
             for job_id in ids:
-                assert orjson.loads((await service.result(job_id)).body)["status"] == "queued"
+                assert orjson.loads((await service.result(job_id)).content)["status"] == "queued"
             inproc.start_loop(settings, recipe)
             bodies = [await finished_result(service, job_id) for job_id in ids]
             assert [b["prediction"] for b in bodies] == [[0], [1], [2]]
@@ -150,7 +150,7 @@ def test_many_concurrent_sync_requests_are_all_answered_in_shared_batches(inproc
     ids = set()
     for i, answer in enumerate(answers):
         assert answer.status == 200, answer
-        body = orjson.loads(answer.body)
+        body = orjson.loads(answer.content)
         assert body["prediction"] == [i, f"s{i}"]  # each request gets its own outputs back, in order
         ids.add(body["unique_id"])
     assert len(ids) == n
@@ -181,18 +181,18 @@ def test_only_the_request_with_the_failing_input_fails(inproc):
             )
 
     good1, bad, good2, unencodable, numpy_ok = run(scenario())
-    assert good1.status == 200 and orjson.loads(good1.body)["prediction"] == ["a", 1]
-    assert good2.status == 200 and orjson.loads(good2.body)["prediction"] == [2.5]
+    assert good1.status == 200 and orjson.loads(good1.content)["prediction"] == ["a", 1]
+    assert good2.status == 200 and orjson.loads(good2.content)["prediction"] == [2.5]
     assert numpy_ok.status == 200
-    assert orjson.loads(numpy_ok.body)["prediction"] == [{"scalar": 1.5, "array": [0, 1, 2], "int": 7}, "d"]
+    assert orjson.loads(numpy_ok.content)["prediction"] == [{"scalar": 1.5, "array": [0, 1, 2], "int": 7}, "d"]
 
     assert bad.status == 500
-    body = orjson.loads(bad.body)
+    body = orjson.loads(bad.content)
     assert body["success"] is False
     assert body["reason"] == "the predictor failed on input 1 of this request: ValueError: cannot predict 'boom'"
 
     assert unencodable.status == 500
-    reason = orjson.loads(unencodable.body)["reason"]
+    reason = orjson.loads(unencodable.content)["reason"]
     assert reason.startswith("the predictor's output cannot be encoded as JSON"), reason
 
     assert loop.stats.failed_jobs == 2
@@ -214,10 +214,10 @@ def test_a_predictor_returning_too_few_outputs_fails_only_that_request(inproc):
             )
 
     first, short, last = run(scenario())
-    assert first.status == 200 and orjson.loads(first.body)["prediction"] == ["a"]
-    assert last.status == 200 and orjson.loads(last.body)["prediction"] == ["b"]
+    assert first.status == 200 and orjson.loads(first.content)["prediction"] == ["a"]
+    assert last.status == 200 and orjson.loads(last.content)["prediction"] == ["b"]
     assert short.status == 500
-    assert orjson.loads(short.body)["reason"] == (
+    assert orjson.loads(short.content)["reason"] == (
         "the predictor failed on input 0 of this request: PredictorOutputError: "
         "the predictor returned 0 outputs for 1 input; it must return one per input"
     )
@@ -261,7 +261,7 @@ def test_not_ready_until_a_loop_has_warmed_up(inproc):
             assert meta["ready"] is True and meta["stages"][0]["batch_size"] == 4
 
             answer = await service.predict_sync(sync_request("y"))
-            assert answer.status == 200 and orjson.loads(answer.body)["prediction"] == [{"got": "y"}]
+            assert answer.status == 200 and orjson.loads(answer.content)["prediction"] == [{"got": "y"}]
 
     run(scenario())
 
@@ -378,7 +378,7 @@ def test_a_job_shows_processing_while_its_predictor_runs(inproc):
             await asyncio.to_thread(wait_until, gate.started.exists, what="the predictor started")
             view = loop.store.get([job_id])[job_id]
             assert view.status is JobStatus.PROCESSING and view.result is None
-            body = orjson.loads((await service.result(job_id)).body)
+            body = orjson.loads((await service.result(job_id)).content)
             assert body == {"unique_id": job_id, "status": "processing", "success": None}
             await service.refresh()
             assert service.snapshot()[0] == [0]  # claimed: no longer waiting in the queue
@@ -408,6 +408,6 @@ def test_a_sync_request_waits_while_processing_and_is_answered_when_the_predicto
             answer = await pending
             assert time.monotonic() - started < 3
             assert answer.status == 200
-            assert orjson.loads(answer.body)["prediction"] == [{"got": "hold"}, {"got": "z"}]
+            assert orjson.loads(answer.content)["prediction"] == [{"got": "hold"}, {"got": "z"}]
 
     run(scenario())

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
-from fastdeploy.store.base import MAX_ATTEMPTS, Store
+from fastdeploy.store.base import MAX_ATTEMPTS, Outbox, Store
 
 FAR = 1e9  # a worker timeout or TTL that never triggers
 
@@ -568,3 +568,30 @@ def test_a_non_blocking_submit_reports_an_id_in_use_too(store):
         assert exc.ids == ("nb",)
     else:
         assert written is False  # a store that never writes from the event loop says so
+
+
+def test_recent_failures_newest_first_and_only_failures(store):
+    """What the status page lists as the last failures: failed and timed-out jobs, not done or cancelled ones."""
+    store.submit([job("late", deadline=time.time() - 1), job("bad"), job("fine"), job("gone")])
+    store.cancel(["gone"], "cancelled by its client", 409, status=JobStatus.CANCELLED)
+    store.claim(0, 8, "w1", 30)
+    time.sleep(0.01)  # "bad" finishes after "late" timed out at the claim
+    store.finish([Outcome("bad", 0, reason="it broke"), done("fine")], "w1")
+    failures = store.recent_failures(10)
+    assert [(f.unique_id, f.reason) for f in failures] == [("bad", "it broke"), ("late", TIMED_OUT_REASON)]
+    assert failures[0].at >= failures[1].at > time.time() - 60
+    assert [f.unique_id for f in store.recent_failures(1)] == ["bad"]
+
+
+def test_the_outbox_counts_pending_delivered_and_given_up_webhooks_once(store):
+    store.submit([job(name, webhook="http://127.0.0.1:1/hook") for name in ("a", "b", "c")])
+    store.claim(0, 8, "w1", 30)
+    assert store.outbox() == Outbox(0, 0, 0)
+    store.finish([done("a"), done("b"), done("c")], "w1")
+    assert store.outbox() == Outbox(3, 0, 0)
+    store.webhook_delivered("a")
+    store.webhook_failed("b", "refused")
+    store.webhook_delivered("a")  # told twice (two senders): counted once
+    store.webhook_failed("a", "late")  # a delivered webhook is not given up afterwards
+    assert store.outbox() == Outbox(1, 1, 1)
+    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 1, None)

@@ -52,6 +52,8 @@ def public_calls(store: Store) -> dict[str, Callable[[], Any]]:
         "claim_webhooks": lambda: store.claim_webhooks(5, 30),
         "webhook_retry": lambda: store.webhook_retry("a", time.time()),
         "webhook_delivered": lambda: store.webhook_delivered("a"),
+        "recent_failures": lambda: store.recent_failures(10),
+        "outbox": store.outbox,
     }
 
 

@@ -31,7 +31,10 @@ MODULES = {_module(p): p for p in PACKAGE.rglob("*.py")}
 # what each low-level module may import from the package
 ALLOWED = {
     "errors": set(),
-    "settings": {"errors"},
+    "logs": set(),
+    "http.pages": {"errors"},
+    "devices": set(),
+    "settings": {"devices", "errors"},
     "jobs": set(),
     "bodies": {"jobs"},
     "batching": set(),
@@ -46,8 +49,12 @@ ALLOWED = {
     "store.redis_doorbell": {"jobs", "store.doorbell", "store.news", "store.redis"},
     "store.fairness": set(),
     "tasks": set(),
-    "store.sqlite": {"bodies", "errors", "jobs", "store.base", "store.fairness", "store.local_doorbell", "store.news"},
+    "state_folder": set(),
+    "own_wheel": {"errors"},
+    "store.sqlite": {"bodies", "errors", "jobs", "state_folder", "store.base", "store.fairness", "store.local_doorbell",
+                     "store.news"},
     "store.redis": {"bodies", "errors", "jobs", "store.base"},
+    "uploads": {"errors", "jobs", "payloads", "settings"},
 }
 
 

@@ -205,7 +205,7 @@ def test_the_embedded_store_generates_a_private_secret_once_and_reuses_it(tmp_pa
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text().strip() == first
     assert store_secret.resolve(settings, CHAIN).store_secret == first  # a restart reuses it
-    assert [p.name for p in (tmp_path / "state").iterdir()] == ["store_secret"]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [".gitignore", "store_secret"]  # no temp files
     other = _settings(tmp_path / "elsewhere")
     assert store_secret.resolve(other, CHAIN).store_secret != first
 
@@ -241,7 +241,7 @@ def test_processes_starting_together_agree_on_one_secret(tmp_path):
     for t in threads:
         t.join()
     assert len(found) == 8 and len(set(found)) == 1
-    assert [p.name for p in state.iterdir()] == ["store_secret"]
+    assert sorted(p.name for p in state.iterdir()) == [".gitignore", "store_secret"]
 
 
 def test_a_loop_without_a_given_secret_uses_the_state_folders_own(tmp_path):

@@ -1,0 +1,2 @@
+input_type = "file"
+example = ["examples/a.bin"]

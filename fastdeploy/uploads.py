@@ -1,0 +1,420 @@
+"""Multipart uploads streamed to disk: a FILE recipe's files the way people send them, of any size.
+
+The HTTP layer hands ``receive_upload`` the ASGI receive stream. Parts are parsed as they
+arrive (python-multipart) and each file part goes straight into a file of its own in a
+private incoming folder, so no file is ever held whole in memory; the size limits are
+checked on every chunk (413 as soon as one is passed) and a refused, broken or abandoned
+upload deletes its folder at once. A complete upload is renamed (no copy) to
+``<files root>/<job id>/`` and the job carries only references to it; the loop hands the
+predictor those paths and deletes the folder once the job's outcome is recorded.
+``sweep`` removes what a loop never saw: folders of jobs that ended otherwise (cancelled,
+timed out, refused) and uploads a killed API server left half-way.
+
+Where no folder is shared with the workers (``--broker`` without ``--files-dir``) the
+files are streamed to a private temporary folder all the same, then read into the job
+itself and travel through the store like base64 files do (bounded by ``--max-body-mb``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, Optional, Sequence
+
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+from fastdeploy.errors import BadRequest, FastDeployError, JobExists, PayloadTooLarge, Unavailable
+from fastdeploy.jobs import new_job_id
+from fastdeploy.payloads import ParsedRequest, check_unique_id, form_options, safe_file_name
+from fastdeploy.settings import Settings
+
+OPTION_FIELDS = ("webhook", "priority", "unique_id")  # parts read as options; every other part is a file
+MAX_FIELD_BYTES = 4096  # an option's value (a webhook URL is at most 2048 characters)
+INCOMING = ".incoming"  # under the files root; job folders never start with "."
+MARKER = ".fastdeploy-upload"  # in every upload's folder: the sweep deletes no folder without it
+SWEEP_GRACE_SECONDS = 60.0  # a job folder younger than this may belong to a submit in progress
+ABANDONED_SECONDS = 3600.0  # an incoming upload that wrote nothing for this long was left by a dead server
+_UPLOAD_KEY = "upload"  # an input {"upload": <folder>}: the file is in that job folder, not in the payload
+_FOLDER = re.compile(r"[A-Za-z0-9._:%-]+")
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+
+class UploadAbandoned(FastDeployError):
+    """The client closed the connection before its upload was complete (answered to nobody)."""
+
+    status = 499
+
+
+def files_root(settings: Settings) -> Optional[Path]:
+    """Where uploads wait for their job: ``--files-dir``, else the embedded store's state folder;
+    None where no folder is shared with the workers (Redis without ``--files-dir``)."""
+    if settings.files_dir:
+        return Path(settings.files_dir)
+    return None if settings.broker else settings.state_path / "files"
+
+
+def folder_name(job_id: str) -> str:
+    """A job's folder: its id, with a leading "." written %2E (ids may be "." or ".."; % is never in one)."""
+    return "%2E" + job_id[1:] if job_id.startswith(".") else job_id
+
+
+def job_id_of(folder: str) -> str:
+    return "." + folder[3:] if folder.startswith("%2E") else folder
+
+
+def is_multipart(content_type: bytes) -> bool:
+    return content_type.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
+
+
+@dataclass
+class Upload:
+    """A received upload: its option fields, and its files (key, name on disk) in ``folder``."""
+
+    folder: Path
+    fields: dict[str, str] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def settle(self, root: Path, job_id: str) -> str:
+        """Move the files to the job's folder (a rename: no copy); 409 when that job has files already."""
+        os.utime(self.folder)  # the sweep's grace period counts from here
+        target = root / folder_name(job_id)
+        try:
+            os.rename(self.folder, target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise JobExists([job_id]) from None
+            raise
+        self.folder = target
+        return target.name
+
+    def read(self) -> list[Any]:
+        """The files as ``[name, bytes]`` pairs (where they travel inside the job)."""
+        return [[name, (self.folder / name).read_bytes()] for name in self.names]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    header: bytearray = field(default_factory=bytearray)
+    value: bytearray = field(default_factory=bytearray)
+    option: Optional[str] = None  # the option this part sets; None: a file
+    file: Optional[IO[bytes]] = None
+    size: int = 0
+
+
+class _Receiver:
+    """python-multipart's callbacks: each part to its file (or option), every limit checked per chunk."""
+
+    def __init__(self, upload: Upload, max_file: int, max_total: int, max_files: int) -> None:
+        self.upload = upload
+        self.limits = (max_file, max_total, max_files)
+        self.total = 0
+        self.ended = False
+        self.part = _Part()
+        self._value = bytearray()
+        self._stored: dict[str, str] = {}
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._begin, "on_header_field": self._header_field,
+            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._data,
+            "on_part_end": self._end, "on_end": self._finished,
+        }
+
+    def _begin(self) -> None:
+        self.part = _Part()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.part.header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.part.headers[bytes(self.part.header).strip().lower()] = bytes(self._value).strip()
+        self.part.header, self._value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        kind, params = parse_options_header(self.part.headers.get(b"content-disposition", b""))
+        if kind.lower() != b"form-data" or b"name" not in params:
+            raise BadRequest('every part needs a "Content-Disposition: form-data; name=..." header')
+        name, filename = _text(params[b"name"]), _text(params.get(b"filename", b""))
+        if name in OPTION_FIELDS and b"filename" not in params:
+            if name in self.upload.fields:
+                raise BadRequest(f"the form field {name!r} is sent twice")
+            self.part.option = name
+            return
+        self._open_file(name or filename, filename or name)
+
+    def _open_file(self, key: str, file_name: str) -> None:
+        if not key:
+            raise BadRequest("a file part has neither a field name nor a file name; send -F 'a.png=@a.png'")
+        if key in self.upload.keys:
+            raise BadRequest(f"two files are sent under the key {key!r}; give each file its own field name")
+        base = safe_file_name(file_name)
+        if base in self._stored:
+            raise BadRequest(f"files {self._stored[base]!r} and {key!r} are both named {base!r}; rename one")
+        if len(self.upload.keys) >= self.limits[2]:
+            raise PayloadTooLarge(f"more than {self.limits[2]} files in one request (MAX_PER_CLIENT_BATCH): "
+                                  "split the request")
+        self._stored[base] = key
+        self.upload.keys.append(key)
+        self.upload.names.append(base)
+        self.part.file = _opened(self.upload.folder / base)
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        part, size = self.part, end - start
+        if part.option is not None:
+            part.value += data[start:end]
+            if len(part.value) > MAX_FIELD_BYTES:
+                raise BadRequest(f"the form field {part.option!r} is longer than {MAX_FIELD_BYTES} bytes")
+            return
+        part.size += size
+        self.total += size
+        max_file, max_total, _ = self.limits
+        if part.size > max_file:
+            raise PayloadTooLarge(f"file {self.upload.keys[-1]!r} is larger than the limit of {max_file} bytes "
+                                  "(max_file_mb)")
+        if self.total > max_total:
+            raise PayloadTooLarge(f"the files of this request are larger than the limit of {max_total} bytes "
+                                  "all together (max_upload_mb)")
+        assert part.file is not None
+        _write(part.file, memoryview(data)[start:end])
+
+    def _end(self) -> None:
+        part = self.part
+        if part.option is not None:
+            self.upload.fields[part.option] = _text(bytes(part.value))
+        elif part.file is not None:
+            part.file.close()
+
+    def _finished(self) -> None:
+        self.ended = True
+
+    def close(self) -> None:
+        if self.part.file is not None:
+            self.part.file.close()
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("a form field name, file name or value is not valid UTF-8") from None
+
+
+def _opened(path: Path) -> IO[bytes]:
+    try:
+        return open(path, "xb")
+    except OSError as exc:
+        raise Unavailable(f"cannot store the upload here: {exc.strerror}", retry_after=5.0) from None
+
+
+def _write(file: IO[bytes], data: memoryview) -> None:
+    try:
+        file.write(data)
+    except OSError as exc:  # a full disk: the client may retry later
+        raise Unavailable(f"cannot store the upload here: {exc.strerror}", retry_after=5.0) from None
+
+
+def boundary_of(content_type: bytes) -> bytes:
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary", b"")
+    if not boundary or len(boundary) > 70:
+        raise BadRequest("multipart/form-data needs a boundary of 1 to 70 characters in the Content-Type header "
+                         "(curl -F and every HTTP library set it)")
+    return boundary
+
+
+def _incoming(root: Optional[Path]) -> Path:
+    """A new private folder for one upload: under the files root (a rename away from its job folder), or temporary."""
+    if root is None:
+        return Path(tempfile.mkdtemp(prefix="fastdeploy-upload-"))
+    parent = root / INCOMING
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=parent))
+    (folder / MARKER).touch()
+    return folder
+
+
+async def receive_upload(
+    content_type: bytes, content_length: Optional[int], receive: Receive, root: Optional[Path], *,
+    max_file: int, max_total: int, max_files: int,
+) -> Upload:
+    """Stream a multipart body to disk, part by part; nothing is left behind unless it succeeds."""
+    boundary = boundary_of(content_type)
+    if content_length is not None and content_length > max_total + 64 * 1024 + 16 * 1024 * (max_files or 1):
+        raise PayloadTooLarge(f"the request body is {content_length} bytes; uploads may hold at most {max_total} "
+                              "bytes of files (max_upload_mb)")
+    upload = Upload(_incoming(root))
+    receiver = _Receiver(upload, max_file, max_total, max_files or 1 << 30)
+    parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    done = False
+    try:
+        await _feed(parser, receive)
+        parser.finalize()
+        if not receiver.ended:
+            raise BadRequest("the multipart body ends before its closing boundary")
+        if not upload.keys:
+            raise BadRequest("the form holds no file; send files like curl -F 'a.png=@a.png'")
+        done = True
+        return upload
+    finally:
+        receiver.close()
+        if not done:
+            upload.discard()
+
+
+async def _feed(parser: MultipartParser, receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise UploadAbandoned("the client left before its upload was complete")
+        body = message.get("body", b"")
+        if body:
+            try:
+                parser.write(body)
+            except MultipartParseError as exc:
+                raise BadRequest(f"the multipart body is malformed: {exc}") from None
+        if not message.get("more_body", False):
+            return
+
+
+@contextlib.asynccontextmanager
+async def uploaded_request(
+    content_type: bytes, content_length: Optional[int], receive: Receive, settings: Settings, *, sync: bool,
+) -> AsyncIterator[ParsedRequest]:
+    """A multipart /sync or /async request as a ParsedRequest whose inputs refer to its job folder
+    (or carry the files, where no folder is shared). Its files are deleted when the body raises a
+    refusal (409, 429, 503: the job was not queued); once queued, they go when the job ends."""
+    s = settings
+    root = files_root(s)
+    max_total = int(s.max_upload_mb * 1024 * 1024) if root is not None else min(
+        int(s.max_upload_mb * 1024 * 1024), s.max_body_bytes)
+    upload = await receive_upload(content_type, content_length, receive, root, max_total=max_total,
+                                  max_file=int(s.max_file_mb * 1024 * 1024), max_files=s.max_per_client_batch)
+    settled = False
+    try:
+        priority, webhook, unique_id = form_options(
+            upload.fields, sync=sync, allowed_webhook_hosts=s.allowed_webhook_hosts,
+            deny_private_webhooks=s.webhook_deny_private,
+        )
+        job_id = check_unique_id(unique_id) or new_job_id()
+        if root is None:
+            inputs: list[Any] = upload.read()
+            upload.discard()
+        else:
+            folder = upload.settle(root, job_id)
+            inputs = [[name, {_UPLOAD_KEY: folder}] for name in upload.names]
+        settled = True
+    finally:
+        if not settled:
+            upload.discard()
+    try:
+        yield ParsedRequest(inputs, list(upload.keys), priority, webhook, job_id)
+    except FastDeployError:  # refused before it was queued: nobody will predict it
+        upload.discard()
+        raise
+
+
+# -- the loop's side -----------------------------------------------------------------------
+def is_uploaded(inputs: Sequence[Any]) -> bool:
+    """Whether a job's inputs refer to uploaded files instead of carrying them."""
+    return bool(inputs) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], dict) and _UPLOAD_KEY in item[1]
+        for item in inputs
+    )
+
+
+class UploadMissing(ValueError):
+    """A job's uploaded files cannot be found where this process looks (its job fails with the reason)."""
+
+
+def paths_for(root: Optional[Path], job_id: str, inputs: Sequence[Any]) -> list[str]:
+    """The paths of a job's uploaded files, in input order, checked to lie in that job's own folder."""
+    if root is None:
+        raise UploadMissing("the files were uploaded to a folder this worker does not know: start it with the "
+                            "same --files-dir as the API servers")
+    folder = root / folder_name(job_id)
+    paths: list[str] = []
+    for name, ref in inputs:
+        if ref.get(_UPLOAD_KEY) != folder.name or os.path.basename(str(name)) != name or name in ("", ".", ".."):
+            raise UploadMissing(f"the job's file reference {str(name)[:80]!r} does not name a file of its own upload")
+        path = folder / name
+        if not path.is_file():
+            raise UploadMissing(f"the uploaded file {name!r} is gone (deleted, or this worker does not share "
+                                "--files-dir with the API servers)")
+        paths.append(str(path))
+    return paths
+
+
+def delete(root: Optional[Path], job_ids: Iterable[str]) -> None:
+    """Delete the folders of jobs that have ended."""
+    if root is not None:
+        for job_id in job_ids:
+            shutil.rmtree(root / folder_name(job_id), ignore_errors=True)
+
+
+# -- the sweep (API servers) -------------------------------------------------------------
+def sweep(root: Optional[Path], finished: Callable[[list[str]], set[str]], now: float) -> int:
+    """Delete job folders whose job has ended or is unknown (``finished`` tells, from the store), and
+    incoming uploads untouched for ABANDONED_SECONDS; returns how many folders went."""
+    if root is None or not root.is_dir():
+        return 0
+    candidates: dict[str, str] = {}
+    removed = 0
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name == INCOMING:
+                removed += _sweep_incoming(Path(entry.path), now)
+            elif entry.is_dir(follow_symlinks=False) and _FOLDER.fullmatch(entry.name) and entry.name[0] != ".":
+                if entry.stat(follow_symlinks=False).st_mtime < now - SWEEP_GRACE_SECONDS and _ours(entry.path):
+                    candidates[job_id_of(entry.name)] = entry.path
+    ids = list(candidates)
+    for start in range(0, len(ids), 500):
+        for job_id in finished(ids[start:start + 500]):
+            shutil.rmtree(candidates[job_id], ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _sweep_incoming(parent: Path, now: float) -> int:
+    removed = 0
+    with os.scandir(parent) as uploads:
+        for upload in uploads:
+            stale = upload.is_dir(follow_symlinks=False) and _last_write(Path(upload.path)) < now - ABANDONED_SECONDS
+            if stale and _ours(upload.path):
+                shutil.rmtree(upload.path, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _ours(folder: str) -> bool:
+    """Whether an upload made this folder (the files root may be a folder people keep other things in)."""
+    return os.path.exists(os.path.join(folder, MARKER))
+
+
+def _last_write(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    with contextlib.suppress(OSError):
+        times += [p.stat().st_mtime for p in folder.iterdir()]
+    return max(times)
+
+
+def finished_ids(views: Mapping[str, Any], ids: Sequence[str]) -> set[str]:
+    """Of ``ids``, those the store no longer holds unfinished (``views``: ``Store.get``'s answer)."""
+    return {i for i in ids if i not in views or views[i].status.finished}
+

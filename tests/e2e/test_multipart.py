@@ -1,0 +1,321 @@
+"""Multipart uploads (curl -F) on FILE recipes, through the real CLI: files streamed to disk, the
+predictor given their paths, limits checked while streaming, nothing left behind, and both ways
+files travel with Redis (a shared --files-dir, or inside the job)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.helpers import RECIPES, Server, serve, wait_until
+from tests.webhook_receiver import Receiver
+
+PREDICTOR = """\
+import hashlib, os, time
+
+
+def predictor(inputs, batch_size=1):
+    out = []
+    for path in inputs:
+        data = open(path, 'rb').read()
+        if data.startswith(b'sleep'):
+            time.sleep(float(data[5:]))
+        out.append({'path': path, 'name': os.path.basename(path), 'size': len(data),
+                    'sha256': hashlib.sha256(data).hexdigest()})
+    return out
+"""
+
+
+def _recipe(folder: Path) -> Path:
+    (folder / "examples").mkdir(parents=True)
+    (folder / "examples" / "a.txt").write_bytes(b"example")
+    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
+    (folder / "predictor.py").write_text(PREDICTOR)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _recipe(tmp_path_factory.mktemp("multipart") / "hasher")
+
+
+LIMITS = ["--max-file-mb", "1", "--max-upload-mb", "2"]
+
+
+@pytest.fixture(scope="module")
+def server(recipe: Path) -> Iterator[Server]:
+    with serve(recipe, args=LIMITS) as started:
+        yield started
+
+
+def left_files(server: Server) -> list[str]:
+    """Every file (not folder) under the state folder's files/: what an upload left behind."""
+    root = server.state_dir / "files"
+    return [str(Path(d) / f) for d, _, names in os.walk(root) for f in names]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_files_arrive_as_paths_keyed_like_curl(server: Server) -> None:
+    a, b = os.urandom(300_000), b"second file"
+    files = [("a.png", ("a.png", a, "image/png")), ("image", ("cat.jpg", b, "image/jpeg"))]
+    response = httpx.post(server.url + "/sync", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    prediction = body["prediction"]
+    assert list(prediction) == ["a.png", "image"]  # the field name is the key, in the order sent
+    assert prediction["a.png"]["sha256"] == sha(a) and prediction["a.png"]["size"] == len(a)
+    assert prediction["image"]["name"] == "cat.jpg" and prediction["image"]["sha256"] == sha(b)  # the file's name
+    folder = Path(prediction["a.png"]["path"]).parent
+    assert folder.resolve() == (server.state_dir / "files" / body["unique_id"]).resolve()  # no copy: where it landed
+    # the job's folder goes once its outcome is recorded
+    wait_until(lambda: not folder.exists() and not left_files(server), 10, "the upload's folder to be deleted")
+
+
+def test_base64_json_keeps_working(server: Server) -> None:
+    import base64
+
+    response = httpx.post(server.url + "/sync", json={"data": {"x.bin": base64.b64encode(b"hello").decode()}})
+    assert response.status_code == 200
+    assert response.json()["prediction"]["x.bin"]["sha256"] == sha(b"hello")
+
+
+def test_async_with_form_fields(server: Server) -> None:
+    with Receiver() as receiver:
+        unique_id = f"upload-{uuid.uuid4().hex[:8]}"
+        data = {"webhook": receiver.url + "/ok", "priority": "0", "unique_id": unique_id}
+        response = httpx.post(server.url + "/async", files={"doc.pdf": ("doc.pdf", b"%PDF")}, data=data)
+        assert response.status_code == 200, response.text
+        assert response.json()["unique_id"] == unique_id
+        result = server.wait_result(unique_id)
+        assert result["prediction"]["doc.pdf"]["sha256"] == sha(b"%PDF")
+        (delivered,) = receiver.wait_for("/ok", 1)
+        assert delivered["unique_id"] == unique_id and delivered["status"] == "done"
+        # the same id again while its result is kept: 409, and its files are not left behind
+        again = httpx.post(server.url + "/async", files={"doc.pdf": ("doc.pdf", b"x")}, data={"unique_id": unique_id})
+        assert again.status_code == 409, again.text
+    wait_until(lambda: not left_files(server), 10, "no files left")
+
+
+@pytest.mark.parametrize("path, fields, reason", [
+    ("/sync", {"webhook": "http://127.0.0.1:9/x"}, "webhook is for /async"),
+    ("/async", {"priority": "high"}, "priority must be a whole number"),
+    ("/async", {"priority": "12"}, "priority must be a whole number"),
+    ("/async", {"unique_id": "has space"}, "unique_id must be"),
+    ("/async", {"webhook": "ftp://example.com"}, "webhook must be"),
+])
+def test_bad_form_fields_are_400_and_leave_nothing(server: Server, path: str, fields: dict[str, str],
+                                                   reason: str) -> None:
+    response = httpx.post(server.url + path, files={"a.txt": ("a.txt", b"abc")}, data=fields)
+    assert response.status_code == 400 and reason in response.json()["reason"], response.text
+    assert response.json()["success"] is False
+    assert not left_files(server)
+
+
+def _raw(server: Server, head: bytes, body: bytes, *, close_after: bool = False, timeout: float = 10) -> bytes:
+    """Send a request by hand (a body cut short, or a connection dropped); the answer, if one comes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        if close_after:
+            return b""
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer:
+                    length = int(answer.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                    if len(answer.split(b"\r\n\r\n", 1)[1]) >= length:
+                        break
+        except (ConnectionResetError, socket.timeout):
+            pass
+        return answer
+
+
+def _head(length: int | None, boundary: bytes = b"XyZ", path: bytes = b"/sync") -> bytes:
+    size = b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n"
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=" + boundary
+            + b"\r\n" + size + b"\r\n")
+
+
+def _part(name: str) -> bytes:
+    return (b'--XyZ\r\nContent-Disposition: form-data; name="%s"; filename="%s"\r\n\r\n' % (name.encode(), name.encode()))
+
+
+def test_one_file_over_the_limit_is_413_before_the_body_ends(server: Server) -> None:
+    # 1.5 MiB of a declared 20 MiB body: the answer comes while the rest is still unsent
+    start = _part("big.bin") + os.urandom(1536 * 1024)
+    answer = _raw(server, _head(2 * 1024 * 1024), start)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"max_file_mb" in answer
+    wait_until(lambda: not left_files(server), 5, "the partial file to be deleted")
+
+
+def test_files_together_over_the_total_are_413_while_streaming(server: Server) -> None:
+    def body() -> Iterator[bytes]:  # chunked: no length to judge by, only the bytes as they come
+        for i in range(3):
+            yield _part(f"f{i}.bin") + os.urandom(900 * 1024) + b"\r\n"
+        yield b"--XyZ--\r\n"
+
+    response = httpx.post(server.url + "/sync", content=body(), timeout=60,
+                          headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert response.status_code == 413, response.text
+    assert "all together (max_upload_mb)" in response.json()["reason"]
+    assert not left_files(server)
+
+
+def test_a_declared_length_over_the_total_is_413_at_once(server: Server) -> None:
+    answer = _raw(server, _head(500 * 1024 * 1024), b"")
+    assert answer.startswith(b"HTTP/1.1 413") and b"uploads may hold at most" in answer, answer[:200]
+
+
+def test_a_chunked_upload_over_the_limit_is_413(server: Server) -> None:
+    def body() -> Iterator[bytes]:
+        yield _part("chunked.bin")
+        for _ in range(40):
+            yield os.urandom(64 * 1024)
+        yield b"\r\n--XyZ--\r\n"
+
+    response = httpx.post(server.url + "/sync", content=body(), timeout=60,
+                          headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert response.status_code == 413, response.text
+    assert not left_files(server)
+
+
+def test_a_client_leaving_mid_upload_leaves_nothing(server: Server) -> None:
+    _raw(server, _head(1_800_000), _part("gone.bin") + os.urandom(700_000), close_after=True)
+    wait_until(lambda: not left_files(server), 10, "the abandoned upload to be deleted")
+    assert server.get("/health").status_code == 200
+    assert "Traceback" not in server.log() and "ERROR" not in server.log()
+
+
+@pytest.mark.parametrize("content_type, body, reason", [
+    ("multipart/form-data", b"--x\r\n", "boundary"),
+    ("multipart/form-data; boundary=XyZ", b'--XyZ\r\nContent-Disposition: form-data; name="a"; filename="a"\r\n\r\nabc',
+     "closing boundary"),
+    ("multipart/form-data; boundary=XyZ", b"this is not multipart at all", "malformed"),
+    ("multipart/form-data; boundary=XyZ", b"--XyZ--\r\n", "no file"),
+    ("multipart/form-data; boundary=XyZ", b'--XyZ\r\nContent-Type: text/plain\r\n\r\nabc\r\n--XyZ--\r\n',
+     "Content-Disposition"),
+    ("multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="a"; filename="x.txt"\r\n\r\n1\r\n'
+     b'--XyZ\r\nContent-Disposition: form-data; name="a"; filename="y.txt"\r\n\r\n2\r\n--XyZ--\r\n', "key 'a'"),
+    ("multipart/form-data; boundary=XyZ",
+     b'--XyZ\r\nContent-Disposition: form-data; name="../.."; filename="../.."\r\n\r\n1\r\n--XyZ--\r\n',
+     "no usable base name"),
+])
+def test_bad_multipart_is_400(server: Server, content_type: str, body: bytes, reason: str) -> None:
+    response = httpx.post(server.url + "/sync", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["reason"] and response.json()["success"] is False
+    assert not left_files(server)
+
+
+def test_a_json_recipe_refuses_multipart() -> None:
+    with serve(RECIPES / "echo") as echo:
+        response = httpx.post(echo.url + "/sync", files={"a.txt": ("a.txt", b"abc")})
+        assert response.status_code == 400 and "multipart/form-data is for FILE recipes" in response.json()["reason"]
+
+
+def test_a_queued_job_keeps_its_files_across_a_restart(recipe: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    content = os.urandom(50_000)
+    # API servers only (no loop): the job stays queued with its files in the state folder
+    with serve(recipe, command="serve", state_dir=state, ready=False) as api:
+        wait_until(lambda: _alive(api), 60, "the API server")
+        response = httpx.post(api.url + "/async", files={"kept.bin": ("kept.bin", content)})
+        assert response.status_code == 200, response.text
+        unique_id = response.json()["unique_id"]
+    assert (state / "files" / unique_id / "kept.bin").read_bytes() == content
+    with serve(recipe, state_dir=state) as full:
+        result = full.wait_result(unique_id)
+        assert result["prediction"]["kept.bin"]["sha256"] == sha(content)
+        wait_until(lambda: not (state / "files" / unique_id).exists(), 10, "the files to go once the job ended")
+
+
+def _alive(server: Server) -> bool:
+    try:
+        return server.get("/health").status_code == 200
+    except OSError:
+        return False
+
+
+# -- Redis: API server and worker as two processes -------------------------------------------
+@pytest.mark.redis
+@pytest.mark.parametrize("shared_folder", [True, False], ids=["files-dir", "through-redis"])
+def test_redis_serve_and_worker(recipe: Path, redis_url: str, tmp_path: Path, shared_folder: bool) -> None:
+    env = {"FASTDEPLOY_BROKER": redis_url}
+    if shared_folder:
+        env["FASTDEPLOY_FILES_DIR"] = str(tmp_path / "shared")
+    content = os.urandom(400_000)
+    with ExitStack() as stack:
+        stack.enter_context(serve(recipe, command="worker", env=env, ready=False))
+        api = stack.enter_context(serve(recipe, command="serve", env=env, ready_timeout=120))
+        response = httpx.post(api.url + "/sync", files={"r.bin": ("r.bin", content)}, timeout=60)
+        assert response.status_code == 200, response.text
+        out = response.json()["prediction"]["r.bin"]
+        assert out["sha256"] == sha(content)
+        if shared_folder:  # the worker read the API server's file where it lies, and deleted it after
+            assert Path(out["path"]).parent.parent == tmp_path / "shared"
+            wait_until(lambda: not any(files for _, _, files in os.walk(tmp_path / "shared")), 10, "files deleted")
+        else:  # carried inside the job: the worker wrote it to its own scratch folder
+            assert "fastdeploy-files-" in out["path"]
+
+
+@pytest.mark.redis
+def test_a_worker_without_the_shared_folder_fails_the_job_with_a_reason(
+    recipe: Path, redis_url: str, tmp_path: Path,
+) -> None:
+    api_env = {"FASTDEPLOY_BROKER": redis_url, "FASTDEPLOY_FILES_DIR": str(tmp_path / "shared")}
+    with ExitStack() as stack:
+        stack.enter_context(serve(recipe, command="worker", env={"FASTDEPLOY_BROKER": redis_url}, ready=False))
+        api = stack.enter_context(serve(recipe, command="serve", env=api_env, ready_timeout=120))
+        response = httpx.post(api.url + "/sync", files={"r.bin": ("r.bin", b"abc")}, timeout=60)
+        assert response.status_code == 500 and "--files-dir" in response.json()["reason"], response.text
+
+
+@pytest.mark.redis
+def test_redis_without_a_folder_bounds_uploads_by_max_body_mb(recipe: Path, redis_url: str) -> None:
+    env = {"FASTDEPLOY_BROKER": redis_url, "FASTDEPLOY_MAX_BODY_MB": "1"}
+    with ExitStack() as stack:
+        stack.enter_context(serve(recipe, command="worker", env=env, ready=False))
+        api = stack.enter_context(serve(recipe, command="serve", env=env, ready_timeout=120))
+        big = httpx.post(api.url + "/sync", files={"b.bin": ("b.bin", os.urandom(1_200_000))}, timeout=60)
+        assert big.status_code == 413 and "max_upload_mb" in big.json()["reason"], big.text
+
+
+def test_sweep_deletes_folders_of_ended_jobs_only(tmp_path: Path) -> None:
+    from fastdeploy import uploads
+
+    root = tmp_path / "files"
+    for name in ("queued", "ended", "%2E.", ".incoming/abandoned", ".incoming/fresh", "someone-elses"):
+        (root / name).mkdir(parents=True)
+        (root / name / "f.bin").write_bytes(b"x")
+        if name != "someone-elses":  # not made by an upload: never touched
+            (root / name / uploads.MARKER).touch()
+    now = time.time()
+    old = now - uploads.ABANDONED_SECONDS - 10
+    for name in ("queued", "ended", "%2E.", ".incoming/abandoned", "someone-elses"):
+        for path in (root / name).iterdir():
+            os.utime(path, (old, old))
+        os.utime(root / name, (old, old))
+    asked: list[str] = []
+
+    def finished(ids: list[str]) -> set[str]:
+        asked.extend(ids)
+        return {i for i in ids if i != "queued"}
+
+    assert uploads.sweep(root, finished, now) == 3
+    assert sorted(asked) == sorted(["queued", "ended", ".."])  # %2E. is the folder of job ".."
+    assert sorted(p.name for p in root.iterdir()) == [".incoming", "queued", "someone-elses"]
+    assert [p.name for p in (root / ".incoming").iterdir()] == ["fresh"]
