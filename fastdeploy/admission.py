@@ -36,6 +36,13 @@ class Admission:
 
     def admit(self, owner: str) -> None:
         """Count one job in, or refuse it: 503 over the queue bound, 429 over the owner's."""
+        self.check(owner)
+        self._in_flight_total += 1
+        if self.per_owner_limit:  # per-owner counts only where a per-owner bound needs them
+            self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
+
+    def check(self, owner: str) -> None:
+        """Refuse as ``admit`` would, counting nothing (a request that still has its body to read)."""
         if self.total() >= self.queue_limit:
             raise Unavailable(
                 f"the queue is full ({self.total()} unfinished jobs, limit {self.queue_limit}); retry later",
@@ -46,9 +53,6 @@ class Admission:
                 f"you have {self.of(owner)} unfinished jobs, the most one client may have "
                 f"(QUEUE_LIMIT_PER_KEY={self.per_owner_limit}); wait for some to finish, then retry"
             )
-        self._in_flight_total += 1
-        if self.per_owner_limit:  # per-owner counts only where a per-owner bound needs them
-            self._in_flight[owner] = self._in_flight.get(owner, 0) + 1
 
     def written(self, owner: str, ok: bool) -> None:
         """An admitted job's write ended: it stays counted if it was written, else it is let go."""

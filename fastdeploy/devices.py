@@ -106,14 +106,16 @@ def plan(devices: Devices, replicas: int, replicas_per_device: int, environ: Map
     on the CPU, ``replicas * replicas_per_device`` (the CPU counts as one device).
 
     A GPU loop gets ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` unless the environment chose an order, so
-    index n is the GPU nvidia-smi calls n. A CPU loop hides GPUs (``CUDA_VISIBLE_DEVICES=""``)
+    index n is the GPU nvidia-smi calls n; not when the indices came from an inherited
+    CUDA_VISIBLE_DEVICES, which named them in CUDA's own order. A CPU loop hides GPUs (``CUDA_VISIBLE_DEVICES=""``)
     only when CPU was asked for: ``auto`` that found none leaves the environment alone, so a
     GPU nvidia-smi cannot see (another vendor's, or a container without the tool) stays usable.
     """
     if not devices.gpus:
         env = {"FASTDEPLOY_DEVICE": CPU, **({"CUDA_VISIBLE_DEVICES": ""} if devices.hide_gpus else {})}
         return [Placement(CPU, dict(env)) for _ in range(replicas * replicas_per_device)]
-    order = {} if "CUDA_DEVICE_ORDER" in environ else {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    inherited = "CUDA_DEVICE_ORDER" in environ or devices.found_by == "CUDA_VISIBLE_DEVICES"
+    order = {} if inherited else {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     return [
         Placement(gpu, {"FASTDEPLOY_DEVICE": gpu, "CUDA_VISIBLE_DEVICES": gpu, **order})
         for gpu in devices.gpus

@@ -173,8 +173,10 @@ def _key(secret: Union[str, bytes]) -> bytes:
     return key
 
 
-def _mac(key: bytes, body: bytes) -> bytes:
-    return hmac.new(key, STAGE_PAYLOAD_TAG + body, hashlib.sha256).digest()
+def _mac(key: bytes, body: Union[bytes, memoryview]) -> bytes:
+    mac = hmac.new(key, STAGE_PAYLOAD_TAG, hashlib.sha256)
+    mac.update(body)  # not tag + body: that would copy a large payload once more
+    return mac.digest()
 
 
 def encode_stage_outputs(outputs: list[Any], keys: Optional[list[str]], secret: Union[str, bytes]) -> bytes:
@@ -193,7 +195,7 @@ def decode_payload(
     Raises ``UntrustedPayload`` for anything else (an unsigned or old ``P`` pickle, a
     payload signed with another secret, a pickle offered to stage 0).
     """
-    payload = bytes(payload)
+    # bytes or a bytearray (a large value read a slice at a time), never copied whole here
     if stage == 0:
         if payload[:1] == b"P" or payload[: len(STAGE_PAYLOAD_TAG)] == STAGE_PAYLOAD_TAG:
             raise UntrustedPayload("stage 0 takes only the API's msgpack inputs, never a pickled payload")
@@ -202,7 +204,8 @@ def decode_payload(
     header = len(STAGE_PAYLOAD_TAG) + _MAC_SIZE
     if len(payload) <= header or payload[: len(STAGE_PAYLOAD_TAG)] != STAGE_PAYLOAD_TAG:
         raise UntrustedPayload(NOT_SIGNED_REASON)
-    mac, body = payload[len(STAGE_PAYLOAD_TAG) : header], payload[header:]
+    view = memoryview(payload)
+    mac, body = bytes(view[len(STAGE_PAYLOAD_TAG) : header]), view[header:]
     if not hmac.compare_digest(mac, _mac(key, body)):
         raise UntrustedPayload(NOT_SIGNED_REASON)
     data = pickle.loads(body)  # authenticated: written by a stage of this service

@@ -132,7 +132,7 @@ class Metrics:
         running totals of every API server process (the status page derives rates from them)."""
         answered: dict[str, dict[str, int]] = {}
         latency: dict[str, list[int]] = {}
-        bounds = [str(float(b)) for b in LATENCY_BUCKETS]
+        bounds = [str(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]  # +Inf: requests slower than every bound
         for family in self._requests_source.collect():
             for sample in family.samples:
                 endpoint = sample.labels.get("endpoint", "")
@@ -142,7 +142,7 @@ class Metrics:
                 elif sample.name == "fastdeploy_request_seconds_bucket" and sample.labels.get("le") in bounds:
                     counts = latency.setdefault(endpoint, [0] * len(bounds))
                     counts[bounds.index(sample.labels["le"])] += int(sample.value)
-        return {"answered": answered, "latency": {"bounds": list(LATENCY_BUCKETS), "cumulative": latency}}
+        return {"answered": answered, "latency": {"bounds": [*LATENCY_BUCKETS, None], "cumulative": latency}}
 
 
 class _Own(Collector):

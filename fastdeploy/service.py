@@ -235,18 +235,20 @@ class Service:
         self._store_error: Optional[str] = None
         self._failing: Optional[str] = None  # why a stage's loops keep failing to start (from the store)
         self._files_root = uploads.files_root(settings)
-        self._next_sweep = 0.0
+        self._sweeper: Optional[asyncio.Task[None]] = None
 
     # -- lifecycle ------------------------------------------------------------
     async def start(self) -> None:
         self.doorbell.listen_for_results()
         self.doorbell.watch_results(asyncio.get_running_loop(), self._deliver)
         self._poller = asyncio.create_task(keep_running("the poll for finished jobs", self._poll_waiters))
+        if self._files_root is not None:
+            self._sweeper = asyncio.create_task(keep_running("the sweep of uploaded files", self._sweep))
         await self.refresh()
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.doorbell.stop_watching)
-        for task in (self._poller, *self._reads):
+        for task in (self._poller, self._sweeper, *self._reads):
             if task is not None:
                 task.cancel()
         self.bridge.close()
@@ -264,17 +266,21 @@ class Service:
             self._store_error = exc.reason
 
     def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int, dict[str, int]]:
-        now = time.time()
-        self.store.maintain(now, self.settings.result_ttl, self.worker_timeout)
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_SECONDS
-            uploads.sweep(self._files_root, self._ended, now)
+        self.store.maintain(time.time(), self.settings.result_ttl, self.worker_timeout)
         by_owner = self.store.unfinished_by_owner() if self.settings.queue_limit_per_key else {}
         return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished(), by_owner
 
-    def _ended(self, ids: list[str]) -> set[str]:
+    async def _sweep(self) -> float:
+        """Delete uploaded files of jobs that ended without a loop (off the snapshot: a slow folder delays nothing)."""
+        try:
+            await uploads.sweep(self._files_root, self._ended, time.time())
+        except FastDeployError as exc:  # store down: the next sweep tries again
+            log.debug("the sweep of uploaded files could not ask the store: %s", exc.reason)
+        return SWEEP_SECONDS
+
+    async def _ended(self, ids: list[str]) -> set[str]:
         """Of these jobs, those that have ended or are unknown: their uploaded files may go."""
-        return uploads.finished_ids(self.store.get(ids), ids)
+        return uploads.finished_ids(await self.bridge.call(self.store.get, ids), ids)
 
     @property
     def worker_timeout(self) -> float:
@@ -314,6 +320,13 @@ class Service:
             raise StoreUnavailable(self._store_error, retry_after=2.0)
         if self._failing:
             raise Unavailable(self._failing, retry_after=5.0)
+
+    def check_accepting(self, owner: str = "") -> None:
+        """Refuse now what a submit would refuse (store down, loops failing to start: 503; queue full:
+        503; the owner's bound: 429), before a long upload is read only to be refused. Counts nothing:
+        the submit admits the job as always."""
+        self._check_store()
+        self.admission.check(owner)
 
     async def _submit(self, job: NewJob, alone: bool = False) -> None:
         """Admit the job (the queue bounds), then write it; a job whose write fails is let go."""

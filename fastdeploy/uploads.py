@@ -17,8 +17,10 @@ itself and travel through the store like base64 files do (bounded by ``--max-bod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
@@ -31,8 +33,10 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 
 from fastdeploy.errors import BadRequest, FastDeployError, JobExists, PayloadTooLarge, Unavailable
 from fastdeploy.jobs import new_job_id
-from fastdeploy.payloads import ParsedRequest, check_unique_id, form_options, safe_file_name
+from fastdeploy.payloads import ParsedRequest, form_options, safe_file_name
 from fastdeploy.settings import Settings
+
+log = logging.getLogger(__name__)
 
 OPTION_FIELDS = ("webhook", "priority", "unique_id")  # parts read as options; every other part is a file
 MAX_FIELD_BYTES = 4096  # an option's value (a webhook URL is at most 2048 characters)
@@ -40,6 +44,9 @@ INCOMING = ".incoming"  # under the files root; job folders never start with "."
 MARKER = ".fastdeploy-upload"  # in every upload's folder: the sweep deletes no folder without it
 SWEEP_GRACE_SECONDS = 60.0  # a job folder younger than this may belong to a submit in progress
 ABANDONED_SECONDS = 3600.0  # an incoming upload that wrote nothing for this long was left by a dead server
+MAX_FILES = 1000  # files in one request where MAX_PER_CLIENT_BATCH sets no bound (each is a file on disk)
+IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is answered 408 and its files deleted
+_IDLE_STEP = 0.25  # the idle deadline is pushed back once per this share of it, not on every chunk
 _UPLOAD_KEY = "upload"  # an input {"upload": <folder>}: the file is in that job folder, not in the payload
 _FOLDER = re.compile(r"[A-Za-z0-9._:%-]+")
 
@@ -51,6 +58,12 @@ class UploadAbandoned(FastDeployError):
     """The client closed the connection before its upload was complete (answered to nobody)."""
 
     status = 499
+
+
+class UploadStalled(FastDeployError):
+    """The client sent nothing for IDLE_SECONDS in the middle of its upload."""
+
+    status = 408
 
 
 def files_root(settings: Settings) -> Optional[Path]:
@@ -85,20 +98,23 @@ class Upload:
 
     def settle(self, root: Path, job_id: str) -> str:
         """Move the files to the job's folder (a rename: no copy); 409 when that job has files already."""
-        os.utime(self.folder)  # the sweep's grace period counts from here
         target = root / folder_name(job_id)
         try:
+            os.utime(self.folder)  # the sweep's grace period counts from here
             os.rename(self.folder, target)
         except OSError as exc:
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise JobExists([job_id]) from None
-            raise
+            raise _unavailable(exc) from None
         self.folder = target
         return target.name
 
     def read(self) -> list[Any]:
         """The files as ``[name, bytes]`` pairs (where they travel inside the job)."""
-        return [[name, (self.folder / name).read_bytes()] for name in self.names]
+        try:
+            return [[name, (self.folder / name).read_bytes()] for name in self.names]
+        except OSError as exc:
+            raise _unavailable(exc) from None
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -124,7 +140,8 @@ class _Receiver:
         self.ended = False
         self.part = _Part()
         self._value = bytearray()
-        self._stored: dict[str, str] = {}
+        self._stored: dict[str, str] = {}  # base name on disk -> key
+        self._keys: set[str] = set()  # the keys so far (upload.keys keeps their order)
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
         return {
@@ -162,15 +179,18 @@ class _Receiver:
     def _open_file(self, key: str, file_name: str) -> None:
         if not key:
             raise BadRequest("a file part has neither a field name nor a file name; send -F 'a.png=@a.png'")
-        if key in self.upload.keys:
+        if key in self._keys:
             raise BadRequest(f"two files are sent under the key {key!r}; give each file its own field name")
         base = safe_file_name(file_name)
+        if base == MARKER:
+            raise BadRequest(f"the file name {MARKER!r} is reserved by fastDeploy; rename the file")
         if base in self._stored:
             raise BadRequest(f"files {self._stored[base]!r} and {key!r} are both named {base!r}; rename one")
         if len(self.upload.keys) >= self.limits[2]:
-            raise PayloadTooLarge(f"more than {self.limits[2]} files in one request (MAX_PER_CLIENT_BATCH): "
-                                  "split the request")
+            raise PayloadTooLarge(f"more than {self.limits[2]} files in one request (MAX_PER_CLIENT_BATCH, else "
+                                  f"{MAX_FILES}): split the request")
         self._stored[base] = key
+        self._keys.add(key)
         self.upload.keys.append(key)
         self.upload.names.append(base)
         self.part.file = _opened(self.upload.folder / base)
@@ -219,15 +239,22 @@ def _text(raw: bytes) -> str:
 def _opened(path: Path) -> IO[bytes]:
     try:
         return open(path, "xb")
+    except FileExistsError:  # a name the file system folds onto another one (a.txt, A.txt on macOS)
+        raise BadRequest(f"two files of this request would be stored as {path.name!r}; rename one") from None
     except OSError as exc:
-        raise Unavailable(f"cannot store the upload here: {exc.strerror}", retry_after=5.0) from None
+        raise _unavailable(exc) from None
+
+
+def _unavailable(exc: OSError) -> Unavailable:
+    """503 for the client to retry: the reason names the failure (a full disk), never a server path."""
+    return Unavailable(f"cannot store the upload here: {exc.strerror or 'file system error'}", retry_after=5.0)
 
 
 def _write(file: IO[bytes], data: memoryview) -> None:
     try:
         file.write(data)
     except OSError as exc:  # a full disk: the client may retry later
-        raise Unavailable(f"cannot store the upload here: {exc.strerror}", retry_after=5.0) from None
+        raise _unavailable(exc) from None
 
 
 def boundary_of(content_type: bytes) -> bytes:
@@ -240,31 +267,40 @@ def boundary_of(content_type: bytes) -> bytes:
 
 
 def _incoming(root: Optional[Path]) -> Path:
-    """A new private folder for one upload: under the files root (a rename away from its job folder), or temporary."""
-    if root is None:
-        return Path(tempfile.mkdtemp(prefix="fastdeploy-upload-"))
-    parent = root / INCOMING
-    parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=parent))
-    (folder / MARKER).touch()
-    return folder
+    """A new private folder for one upload: under the files root (a rename away from its job folder), or temporary.
+    A file system that refuses is 503 (the client may retry), and leaves no folder behind."""
+    folder: Optional[Path] = None
+    try:
+        if root is None:
+            return Path(tempfile.mkdtemp(prefix="fastdeploy-upload-"))
+        parent = root / INCOMING
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=parent))
+        (folder / MARKER).touch()
+        return folder
+    except OSError as exc:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise _unavailable(exc) from None
 
 
 async def receive_upload(
     content_type: bytes, content_length: Optional[int], receive: Receive, root: Optional[Path], *,
-    max_file: int, max_total: int, max_files: int,
+    max_file: int, max_total: int, max_files: int, idle: float = IDLE_SECONDS,
 ) -> Upload:
-    """Stream a multipart body to disk, part by part; nothing is left behind unless it succeeds."""
+    """Stream a multipart body to disk, part by part; nothing is left behind unless it succeeds.
+    ``max_files`` 0 means MAX_FILES: every file is one more on disk, and one more to delete."""
     boundary = boundary_of(content_type)
-    if content_length is not None and content_length > max_total + 64 * 1024 + 16 * 1024 * (max_files or 1):
+    max_files = max_files or MAX_FILES
+    if content_length is not None and content_length > max_total + 64 * 1024 + 16 * 1024 * max_files:
         raise PayloadTooLarge(f"the request body is {content_length} bytes; uploads may hold at most {max_total} "
                               "bytes of files (max_upload_mb)")
     upload = Upload(_incoming(root))
-    receiver = _Receiver(upload, max_file, max_total, max_files or 1 << 30)
+    receiver = _Receiver(upload, max_file, max_total, max_files)
     parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
     done = False
     try:
-        await _feed(parser, receive)
+        await _feed(parser, receive, idle)
         parser.finalize()
         if not receiver.ended:
             raise BadRequest("the multipart body ends before its closing boundary")
@@ -278,19 +314,32 @@ async def receive_upload(
             upload.discard()
 
 
-async def _feed(parser: MultipartParser, receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise UploadAbandoned("the client left before its upload was complete")
-        body = message.get("body", b"")
-        if body:
-            try:
-                parser.write(body)
-            except MultipartParseError as exc:
-                raise BadRequest(f"the multipart body is malformed: {exc}") from None
-        if not message.get("more_body", False):
-            return
+async def _feed(parser: MultipartParser, receive: Receive, idle: float) -> None:
+    """Parse the body as it arrives; a client silent for ``idle`` seconds (less at most a quarter) is
+    408. The deadline moves a few times per ``idle``, not on every chunk: this loop carries every byte."""
+    loop = asyncio.get_running_loop()
+    step = idle * _IDLE_STEP
+    moved = loop.time()
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            while True:
+                message = await receive()
+                if loop.time() - moved >= step:
+                    moved = loop.time()
+                    deadline.reschedule(moved + idle)
+                if message["type"] == "http.disconnect":
+                    raise UploadAbandoned("the client left before its upload was complete")
+                body = message.get("body", b"")
+                if body:
+                    try:
+                        parser.write(body)
+                    except MultipartParseError as exc:
+                        raise BadRequest(f"the multipart body is malformed: {exc}") from None
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        raise UploadStalled(f"the upload sent nothing for {idle:g} s and was dropped; send the body without "
+                            "long pauses") from None
 
 
 @contextlib.asynccontextmanager
@@ -312,7 +361,7 @@ async def uploaded_request(
             upload.fields, sync=sync, allowed_webhook_hosts=s.allowed_webhook_hosts,
             deny_private_webhooks=s.webhook_deny_private,
         )
-        job_id = check_unique_id(unique_id) or new_job_id()
+        job_id = unique_id or new_job_id()
         if root is None:
             inputs: list[Any] = upload.read()
             upload.discard()
@@ -369,37 +418,80 @@ def delete(root: Optional[Path], job_ids: Iterable[str]) -> None:
 
 
 # -- the sweep (API servers) -------------------------------------------------------------
-def sweep(root: Optional[Path], finished: Callable[[list[str]], set[str]], now: float) -> int:
+async def sweep(root: Optional[Path], finished: Callable[[list[str]], Awaitable[set[str]]], now: float) -> int:
     """Delete job folders whose job has ended or is unknown (``finished`` tells, from the store), and
-    incoming uploads untouched for ABANDONED_SECONDS; returns how many folders went."""
-    if root is None or not root.is_dir():
+    incoming uploads untouched for ABANDONED_SECONDS; returns how many folders went. The folders are
+    read and deleted on a worker thread, so a slow shared folder delays no request and no store call;
+    every API server sweeps, so what vanishes half-way (another one deleted it) is skipped."""
+    if root is None:
         return 0
+    candidates, removed = await asyncio.to_thread(_scan, root, now)
+    ids = list(candidates)
+    ended: list[str] = []
+    for start in range(0, len(ids), 500):
+        ended += [candidates[job_id] for job_id in await finished(ids[start:start + 500])]
+    if ended:
+        await asyncio.to_thread(_remove, ended)
+    return removed + len(ended)
+
+
+def _scan(root: Path, now: float) -> tuple[dict[str, str], int]:
+    """Job folders old enough to be swept ({job id: path}), after sweeping abandoned incoming uploads."""
     candidates: dict[str, str] = {}
     removed = 0
-    with os.scandir(root) as entries:
-        for entry in entries:
+    errors: list[OSError] = []
+    for entry in _entries(root, errors):
+        try:
             if entry.name == INCOMING:
-                removed += _sweep_incoming(Path(entry.path), now)
+                removed += _sweep_incoming(Path(entry.path), now, errors)
             elif entry.is_dir(follow_symlinks=False) and _FOLDER.fullmatch(entry.name) and entry.name[0] != ".":
                 if entry.stat(follow_symlinks=False).st_mtime < now - SWEEP_GRACE_SECONDS and _ours(entry.path):
                     candidates[job_id_of(entry.name)] = entry.path
-    ids = list(candidates)
-    for start in range(0, len(ids), 500):
-        for job_id in finished(ids[start:start + 500]):
-            shutil.rmtree(candidates[job_id], ignore_errors=True)
+        except OSError as exc:
+            _note(exc, errors)
+    for error in errors:
+        if error.errno not in _WARNED:  # once per kind: the sweep runs every few seconds
+            _WARNED.add(error.errno)
+            log.warning("the upload sweep cannot read part of %s (%s); it skips it and tries again later",
+                        root, error.strerror)
+    return candidates, removed
+
+
+_WARNED: set[Optional[int]] = set()  # the errnos the sweep has warned about in this process
+
+
+def _entries(folder: Path, errors: list[OSError]) -> list[os.DirEntry[str]]:
+    """A folder's entries; none when it is gone or cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        _note(exc, errors)
+        return []
+
+
+def _note(exc: OSError, errors: list[OSError]) -> None:
+    if not isinstance(exc, FileNotFoundError):  # gone: another API server swept it first
+        errors.append(exc)
+
+
+def _sweep_incoming(parent: Path, now: float, errors: list[OSError]) -> int:
+    removed = 0
+    for upload in _entries(parent, errors):
+        try:
+            stale = upload.is_dir(follow_symlinks=False) and _last_write(Path(upload.path)) < now - ABANDONED_SECONDS
+        except OSError as exc:
+            _note(exc, errors)
+            continue
+        if stale and _ours(upload.path):
+            shutil.rmtree(upload.path, ignore_errors=True)
             removed += 1
     return removed
 
 
-def _sweep_incoming(parent: Path, now: float) -> int:
-    removed = 0
-    with os.scandir(parent) as uploads:
-        for upload in uploads:
-            stale = upload.is_dir(follow_symlinks=False) and _last_write(Path(upload.path)) < now - ABANDONED_SECONDS
-            if stale and _ours(upload.path):
-                shutil.rmtree(upload.path, ignore_errors=True)
-                removed += 1
-    return removed
+def _remove(folders: list[str]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _ours(folder: str) -> bool:

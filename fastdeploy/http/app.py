@@ -177,7 +177,7 @@ async def answer(
     if counted:
         api.metrics.observe(endpoint, reply.status, time.perf_counter() - started)
     if log.isEnabledFor(logging.DEBUG):  # an access line (with the request's id, and its job's) only at debug
-        log.debug("%s %s answered %d in %.1f ms", scope["method"], scope["path"], reply.status,
+        log.debug("%s %r answered %d in %.1f ms", scope["method"], scope["path"], reply.status,
                   (time.perf_counter() - started) * 1000)
     return reply
 
@@ -283,6 +283,8 @@ def _multipart(api: ApiProcess, scope: Scope) -> bool:
 
 
 def _upload(api: ApiProcess, scope: Scope, receive: Receive, sync: bool) -> AsyncContextManager[ParsedRequest]:
+    """The upload, once the service would take its job: a refusal comes before the body is streamed, not after."""
+    api.service.check_accepting(scope[OWNER])
     headers = dict(scope["headers"])
     length = headers.get(b"content-length", b"")
     return uploads.uploaded_request(headers.get(b"content-type", b""), int(length) if length.isdigit() else None,

@@ -6,6 +6,8 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from fastdeploy import __version__
 from fastdeploy.payloads import MAX_FILE_NAME_BYTES, MAX_JSON_DEPTH, MAX_WEBHOOK_URL
 from fastdeploy.recipe import Recipe
@@ -85,17 +87,21 @@ def _data_and_prediction(file_mode: bool) -> tuple[dict[str, Any], dict[str, Any
             {"type": "array", "items": {}, "description": "one output per input, in order"})
 
 
-EXAMPLE_FILES_BYTES = 256 * 1024  # larger example files are left out of the page (a browser would hold them)
+EXAMPLE_BYTES = 256 * 1024  # a larger example is left out of the document (a browser would hold it)
 
 
 def _example(recipe: Recipe) -> Any:
-    """The recipe's own example as a request's ``data``, so "Try it out" on /docs works as it is."""
-    if not recipe.is_file:
-        return recipe.example
-    files = [Path(p) for p in recipe.example_paths()]
-    if sum(p.stat().st_size for p in files if p.is_file()) > EXAMPLE_FILES_BYTES:
+    """The recipe's own example as a request's ``data``, so "Try it out" on /docs works as it is;
+    None where it cannot be one (too large, not JSON, its files unreadable): the document never fails."""
+    try:
+        if not recipe.is_file:
+            return recipe.example if len(orjson.dumps(recipe.example)) <= EXAMPLE_BYTES else None
+        files = [Path(p) for p in recipe.example_paths()]
+        if sum(p.stat().st_size for p in files) > EXAMPLE_BYTES:
+            return None
+        return {p.name: base64.b64encode(p.read_bytes()).decode() for p in files}
+    except (orjson.JSONEncodeError, OSError):
         return None
-    return {p.name: base64.b64encode(p.read_bytes()).decode() for p in files if p.is_file()}
 
 
 def _form(webhook: bool) -> dict[str, Any]:
@@ -162,13 +168,13 @@ def openapi_document(recipe: Recipe) -> dict[str, Any]:
                           _obj({"data": data, "priority": priority, "webhook": NO_WEBHOOK,
                                 "unique_id": NULLABLE_UNIQUE_ID}, ["data"]),
                           _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}, "prediction": prediction}),
-                          ["400", "401", "409", "413", "429", "500", "503", "504"], with_example=True),
+                          ["400", "401", "408", "409", "413", "429", "500", "503", "504"], with_example=True),
             "/infer": _infer(recipe.is_file),
             "/async": post("Queue a prediction; poll /result or receive a webhook",
                            _obj({"data": data, "priority": priority, "webhook": webhook, "unique_id": NULLABLE_UNIQUE_ID},
                                 ["data"]),
                            _obj({"success": {"type": "boolean"}, "unique_id": {"type": "string"}}),
-                           ["400", "401", "409", "413", "429", "503"], with_example=True),
+                           ["400", "401", "408", "409", "413", "429", "503"], with_example=True),
             "/result": post("Read a job's status and result", _obj({"unique_id": {"type": "string"}}, ["unique_id"]),
                             result, ["400", "401", "404"]),
             "/cancel": post("Cancel a queued job, or discard the outcome of one being predicted",

@@ -9,7 +9,9 @@ const key = () => sessionStorage.getItem("fastdeploy-key") || "";
 function takeKeyFromHash() {
   const match = location.hash.match(/(?:^#|&)key=([^&]*)/);
   if (match) {
-    sessionStorage.setItem("fastdeploy-key", decodeURIComponent(match[1]));
+    let text = match[1];
+    try { text = decodeURIComponent(text); } catch (err) { /* a stray % is part of the key */ }
+    sessionStorage.setItem("fastdeploy-key", text);
     window.history.replaceState(null, "", location.pathname + location.search);
   }
 }

@@ -21,10 +21,14 @@ function takeKeyFromHash() {
   // /#key=KEY opens the page with a key: kept for this tab only, and taken out of the address bar
   const match = location.hash.match(/(?:^#|&)key=([^&]*)/);
   if (match) {
-    sessionStorage.setItem("fastdeploy-key", decodeURIComponent(match[1]));
+    sessionStorage.setItem("fastdeploy-key", decodeKey(match[1]));
     samples.length = 0;
     window.history.replaceState(null, "", location.pathname + location.search);
   }
+}
+
+function decodeKey(text) {
+  try { return decodeURIComponent(text); } catch (err) { return text; } // a stray % is part of the key
 }
 
 function el(tag, text, cls) {
@@ -68,15 +72,17 @@ function quantile(before, after, q) {
   const total = counts[counts.length - 1] || 0;
   if (total <= 0) return null;
   const rank = q * total;
+  const slowest = after.bounds[after.bounds.length - 2]; // the last finite bound (the last is +Inf: null)
   for (let i = 0; i < counts.length; i++) {
     if (counts[i] >= rank) {
+      if (after.bounds[i] === null) return 1000 * slowest; // slower than every bound: shown at the last one
       const low = i ? after.bounds[i - 1] : 0, below = i ? counts[i - 1] : 0;
       const within = counts[i] - below;
       const share = within > 0 ? (rank - below) / within : 1;
       return 1000 * (low + (after.bounds[i] - low) * share);
     }
   }
-  return 1000 * after.bounds[after.bounds.length - 1];
+  return 1000 * slowest;
 }
 
 function record(doc) {
@@ -196,7 +202,8 @@ function stageSection(stage) {
     box.append(facts, right);
     $("stages").append(box);
   }
-  const facts = [["Queue depth", stage.queue_depth, "queue"], ["Items predicted", stage.items, "items"],
+  // totals of the loops alive now (a loop that restarts starts again from zero)
+  const facts = [["Queue depth", stage.queue_depth, "queue"], ["Items predicted by live loops", stage.items, "items"],
     ["Predictor calls", stage.batches, "batches"], ["Mean batch", stage.batches ? stage.items / stage.batches : null, "mean"],
     ["Failed jobs", stage.failed_jobs, "failed"], ["Loops", stage.workers.length, "loops"]];
   box.querySelector("dl").replaceChildren(...facts.flatMap(([name, value, cls]) => {

@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS payloads (
     id TEXT PRIMARY KEY,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS results (  -- results over _STREAM_BYTES (jobs.result is NULL then); the value
+    id TEXT PRIMARY KEY,              -- is the last column, so its zeroblob is never spelled out in memory
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     worker_id TEXT PRIMARY KEY,
     stage INTEGER NOT NULL,
@@ -148,6 +152,56 @@ SELECT owner FROM b WHERE owner IS NOT NULL AND owner <= (SELECT last FROM t)
 """
 
 
+# A value larger than this goes into and out of SQLite a slice at a time (incremental blob I/O,
+# Python 3.11+): bound as a parameter, SQLite first copies a value whole, and read whole, it
+# assembles it in a buffer of its own that Python then copies; a 90 MB input was held twice.
+_STREAM_BYTES = 1024 * 1024
+_STREAMS = hasattr(sqlite3.Connection, "blobopen")
+_WHOLE_UP_TO = _STREAM_BYTES if _STREAMS else 2**62  # larger values are read a slice at a time
+
+
+def _streamed(value: bytes) -> bool:
+    return _STREAMS and len(value) > _STREAM_BYTES
+
+
+def _fill(db: sqlite3.Connection, table: str, column: str, rowid: int, value: bytes) -> None:
+    """Write ``value`` into the zeroblob of its size at (table, column, rowid), a slice at a time."""
+    with db.blobopen(table, column, rowid) as blob:
+        view = memoryview(value)
+        for start in range(0, len(view), _STREAM_BYTES):
+            blob.write(view[start:start + _STREAM_BYTES])
+
+
+def _drain(db: sqlite3.Connection, table: str, column: str, rowid: int, size: int) -> bytes:
+    """Read the value at (table, column, rowid) a slice at a time into one buffer."""
+    out = bytearray(size)
+    with db.blobopen(table, column, rowid, readonly=True) as blob:
+        view, done = memoryview(out), 0
+        while done < size and (piece := blob.read(min(_STREAM_BYTES, size - done))):
+            view[done:done + len(piece)] = piece
+            done += len(piece)
+    return out  # type: ignore[return-value]  # serves wherever these bytes go (unpack, join, send)
+
+
+def _write_large(db: sqlite3.Connection, table: str, job_id: str, value: bytes) -> None:
+    """Insert a job's value into ``table`` (payloads or results: id, then data as the last column,
+    where SQLite keeps a zeroblob as a size instead of writing out its zeros in memory)."""
+    if not _streamed(value):
+        db.execute(f"INSERT INTO {table} (id, data) VALUES (?, ?)", (job_id, value))
+        return
+    cursor = db.execute(f"INSERT INTO {table} (id, data) VALUES (?, zeroblob(?))", (job_id, len(value)))
+    _fill(db, table, "data", int(cursor.lastrowid or 0), value)
+
+
+def _read_payload(db: sqlite3.Connection, job_id: str) -> bytes:
+    found = db.execute("SELECT rowid, length(data), CASE WHEN length(data) > ? THEN NULL ELSE data END"
+                       " FROM payloads WHERE id = ?", (_WHOLE_UP_TO, job_id)).fetchone()
+    if found is None:
+        return b""
+    rowid, size, data = found
+    return data if data is not None else _drain(db, "payloads", "data", rowid, size)
+
+
 def _inline(payload: bytes) -> Optional[bytes]:
     """Small inputs stay in the job's row (one write less per request); large ones go to the
     payloads table, because SQLite rewrites a whole row whenever its size changes, and every
@@ -213,8 +267,7 @@ class _LanePicker:
     def claimed(self, row: _Row) -> ClaimedJob:
         payload = row.payload
         if payload is None:  # a large input: in its own table
-            found = self._db.execute("SELECT data FROM payloads WHERE id = ?", (row.id,)).fetchone()
-            payload = found[0] if found is not None else b""
+            payload = _read_payload(self._db, row.id)
         return ClaimedJob(row.id, row.stage, payload, row.n_items, row.deadline)
 
 
@@ -463,9 +516,9 @@ class SQLiteStore(Store):
                     for j in jobs
                 ],
             )
-            large = [(j.id, j.payload) for j in jobs if _inline(j.payload) is None]
-            if large:
-                db.executemany("INSERT INTO payloads (id, data) VALUES (?, ?)", large)
+            for job in jobs:
+                if _inline(job.payload) is None:
+                    _write_large(db, "payloads", job.id, job.payload)
             self._ring_after_commit(stage_role(0))
 
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
@@ -473,13 +526,27 @@ class SQLiteStore(Store):
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            for job_id, status, result, reason, error_status, owner, hook, attempts, error in self._read(
+            rows = self._read(
                 "SELECT j.id, j.status, j.result, j.reason, j.error_status, j.owner, w.status, w.attempts,"
-                f" w.last_error FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id WHERE j.id IN ({marks})", chunk
-            ):
+                " w.last_error, r.rowid, length(r.data) FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id"
+                f" LEFT JOIN results r ON r.id = j.id WHERE j.id IN ({marks})", chunk,
+            )
+            for job_id, status, result, reason, error_status, owner, hook, attempts, error, rowid, size in rows:
+                if rowid is not None:  # a large result: read a slice at a time
+                    result = self._large_result(rowid, size)
+                    if result is None:
+                        continue  # expired between the two reads: as good as unknown
                 webhook = WebhookState(hook, int(attempts), error) if hook is not None else None
                 views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500, owner, webhook)
         return views
+
+    def _large_result(self, rowid: int, size: int) -> Optional[bytes]:
+        try:
+            return _drain(self._db(), "results", "data", rowid, size)
+        except sqlite3.OperationalError as exc:  # the row went (its result expired) after the first read
+            if "no such rowid" in str(exc):
+                return None
+            raise
 
     def cancel(
         self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,
@@ -594,7 +661,7 @@ class SQLiteStore(Store):
                     if cursor.rowcount:
                         db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
                         if _inline(out.payload) is None:
-                            db.execute("INSERT INTO payloads (id, data) VALUES (?, ?)", (out.id, out.payload))
+                            _write_large(db, "payloads", out.id, out.payload)
                         next_stages.add(out.stage + 1)
                     continue
                 row = db.execute(
@@ -605,11 +672,14 @@ class SQLiteStore(Store):
                     continue  # already finished elsewhere: deliver once
                 webhook, origin, spilled = row
                 if out.result is not None:
+                    large = _streamed(out.result)
                     db.execute(
                         "UPDATE jobs SET status = 'done', result = ?, payload = NULL, worker = NULL, finished = ?"
                         " WHERE id = ?",
-                        (out.result, now, out.id),
+                        (None if large else out.result, now, out.id),
                     )
+                    if large:
+                        _write_large(db, "results", out.id, out.result)
                     if spilled:
                         db.execute("DELETE FROM payloads WHERE id = ?", (out.id,))
                     if webhook:
@@ -691,6 +761,8 @@ class SQLiteStore(Store):
                 self._requeue_locked(db, "worker = ?", (worker_id,))
             self._requeue_locked(db, "lease_until < ?", (now,))
             db.execute("DELETE FROM webhooks WHERE status != 'pending' AND job_id IN"
+                       " (SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?)", (now - result_ttl,))
+            db.execute("DELETE FROM results WHERE id IN"
                        " (SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?)", (now - result_ttl,))
             db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - result_ttl,))
 

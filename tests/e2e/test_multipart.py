@@ -4,8 +4,11 @@ files travel with Redis (a shared --files-dir, or inside the job)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -16,6 +19,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from fastdeploy import uploads
 from tests.helpers import RECIPES, Server, serve, wait_until
 from tests.webhook_receiver import Receiver
 
@@ -213,6 +217,9 @@ def test_a_client_leaving_mid_upload_leaves_nothing(server: Server) -> None:
     ("multipart/form-data; boundary=XyZ",
      b'--XyZ\r\nContent-Disposition: form-data; name="../.."; filename="../.."\r\n\r\n1\r\n--XyZ--\r\n',
      "no usable base name"),
+    ("multipart/form-data; boundary=XyZ",  # the name of the folder's own marker file (was a 503, retried forever)
+     b'--XyZ\r\nContent-Disposition: form-data; name="m"; filename=".fastdeploy-upload"\r\n\r\n1\r\n--XyZ--\r\n',
+     "is reserved"),
 ])
 def test_bad_multipart_is_400(server: Server, content_type: str, body: bytes, reason: str) -> None:
     response = httpx.post(server.url + "/sync", content=body, headers={"Content-Type": content_type})
@@ -295,8 +302,6 @@ def test_redis_without_a_folder_bounds_uploads_by_max_body_mb(recipe: Path, redi
 
 
 def test_sweep_deletes_folders_of_ended_jobs_only(tmp_path: Path) -> None:
-    from fastdeploy import uploads
-
     root = tmp_path / "files"
     for name in ("queued", "ended", "%2E.", ".incoming/abandoned", ".incoming/fresh", "someone-elses"):
         (root / name).mkdir(parents=True)
@@ -311,11 +316,113 @@ def test_sweep_deletes_folders_of_ended_jobs_only(tmp_path: Path) -> None:
         os.utime(root / name, (old, old))
     asked: list[str] = []
 
-    def finished(ids: list[str]) -> set[str]:
+    async def finished(ids: list[str]) -> set[str]:
         asked.extend(ids)
         return {i for i in ids if i != "queued"}
 
-    assert uploads.sweep(root, finished, now) == 3
+    assert asyncio.run(uploads.sweep(root, finished, now)) == 3
     assert sorted(asked) == sorted(["queued", "ended", ".."])  # %2E. is the folder of job ".."
     assert sorted(p.name for p in root.iterdir()) == [".incoming", "queued", "someone-elses"]
     assert [p.name for p in (root / ".incoming").iterdir()] == ["fresh"]
+
+
+def test_files_per_request_are_bounded_without_max_per_client_batch(server: Server) -> None:
+    # MAX_PER_CLIENT_BATCH is unset here: still at most uploads.MAX_FILES files (each one a file on disk)
+    body = b"".join(_part(f"f{i}") + b"x\r\n" for i in range(uploads.MAX_FILES + 1)) + b"--XyZ--\r\n"
+    response = httpx.post(server.url + "/async", content=body, timeout=60,
+                          headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert response.status_code == 413, response.text[:300]
+    assert f"more than {uploads.MAX_FILES} files" in response.json()["reason"]
+    assert not left_files(server)
+
+
+@pytest.mark.parametrize("args, status, reason", [
+    (["--queue-limit", "1"], b"503", b"the queue is full"),
+    (["--queue-limit-per-key", "1"], b"429", b"unfinished jobs, the most one client may have"),
+], ids=["queue-full", "per-key"])
+def test_a_refused_upload_is_answered_before_its_body_is_read(
+    recipe: Path, args: list[str], status: bytes, reason: bytes,
+) -> None:
+    with serve(recipe, command="serve", args=args, ready=False) as api:  # no loop: the first job stays queued
+        wait_until(lambda: _alive(api), 60, "the API server")
+        first = httpx.post(api.url + "/async", files={"a.bin": ("a.bin", b"first")})
+        assert first.status_code == 200, first.text
+        # 10 MiB declared, 1 KiB sent: the refusal comes without waiting for the rest
+        answer = _raw(api, _head(10 * 1024 * 1024, path=b"/async"), _part("big.bin") + b"x" * 1024, timeout=5)
+        assert answer.startswith(b"HTTP/1.1 " + status) and reason in answer, answer[:300]
+        assert sorted(Path(f).name for f in left_files(api)) == [uploads.MARKER, "a.bin"]  # the first job's only
+
+
+def test_a_files_folder_that_refuses_is_503_with_a_reason_and_leaves_nothing(recipe: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    env = {"FASTDEPLOY_FILES_DIR": str(shared)}
+    with serve(recipe, command="serve", env=env, ready=False) as api:
+        wait_until(lambda: _alive(api), 60, "the API server")
+        shared.mkdir(exist_ok=True)
+        (shared / "taken").write_bytes(b"someone else's file")  # the job's folder cannot be made there
+        settle = httpx.post(api.url + "/async", files={"a.bin": ("a.bin", b"1")}, data={"unique_id": "taken"})
+        assert settle.status_code == 503 and "cannot store the upload here" in settle.json()["reason"], settle.text
+        assert str(tmp_path) not in settle.text and settle.headers["retry-after"]
+        assert list((shared / ".incoming").iterdir()) == []  # the incoming folder went with the refusal
+        shutil.rmtree(shared)
+        shared.write_bytes(b"not a folder")  # no upload folder can be made at all
+        setup = httpx.post(api.url + "/async", files={"a.bin": ("a.bin", b"1")})
+        assert setup.status_code == 503 and "cannot store the upload here" in setup.json()["reason"], setup.text
+        assert str(tmp_path) not in setup.text
+        assert "Traceback" not in api.log() and "ERROR" not in api.log()
+
+
+def _stalling(chunks: list[bytes]) -> uploads.Receive:
+    """An ASGI receive that sends ``chunks`` (one every 50 ms), then nothing more, ever."""
+    sent = iter(chunks)
+
+    async def receive() -> uploads.Message:
+        chunk = next(sent, None)
+        if chunk is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    return receive
+
+
+def test_a_stalled_upload_is_408_and_leaves_nothing(tmp_path: Path) -> None:
+    async def upload(chunks: list[bytes]) -> None:
+        await uploads.receive_upload(b"multipart/form-data; boundary=XyZ", None, _stalling(chunks), tmp_path,
+                                     max_file=1 << 20, max_total=1 << 20, max_files=0, idle=0.3)
+
+    steady = [_part("slow.bin")] + [b"x"] * 20  # 1 s of chunks 50 ms apart: never idle for 0.3 s
+    started = time.monotonic()
+    with pytest.raises(uploads.UploadStalled) as stalled:
+        asyncio.run(upload(steady))
+    assert stalled.value.status == 408 and "sent nothing for 0.3 s" in stalled.value.reason
+    assert 1.2 < time.monotonic() - started < 2.5  # dropped after the silence, not during the steady part
+    assert list((tmp_path / uploads.INCOMING).iterdir()) == []
+
+
+def test_the_sweep_skips_what_vanishes_under_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # another API server deletes folders between this one's listing and its stat: no error escapes
+    root = tmp_path / "files"
+    for name in ("job-a", "job-b", ".incoming/up-1", ".incoming/up-2"):
+        (root / name).mkdir(parents=True)
+        (root / name / uploads.MARKER).touch()
+    listed = os.scandir
+
+    @contextlib.contextmanager
+    def scandir_then_delete(path: Path) -> Iterator[list[os.DirEntry[str]]]:
+        with listed(path) as entries:
+            found = list(entries)
+        if isinstance(path, Path):  # the sweep's own listings (not rmtree's, by descriptor)
+            for entry in found:
+                if entry.name != uploads.INCOMING:
+                    shutil.rmtree(entry.path)
+        yield found
+
+    monkeypatch.setattr(uploads.os, "scandir", scandir_then_delete)
+
+    async def finished(ids: list[str]) -> set[str]:
+        return set(ids)
+
+    assert asyncio.run(uploads.sweep(root, finished, time.time() + 2 * uploads.ABANDONED_SECONDS)) == 0
+    shutil.rmtree(root)
+    assert asyncio.run(uploads.sweep(root, finished, time.time())) == 0  # the whole root gone

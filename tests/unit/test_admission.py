@@ -35,3 +35,16 @@ def test_a_failed_write_is_let_go_and_a_snapshot_replaces_the_own_counts():
     admission.admit("a")
     with pytest.raises(Unavailable, match="the queue is full"):
         admission.admit("b")
+
+
+def test_check_refuses_as_admit_would_and_counts_nothing():
+    admission = Admission(queue_limit=2, per_owner_limit=1)
+    admission.check("a")  # an upload about to be read: nothing is counted for it
+    assert admission.total() == 0 and admission.of("a") == 0
+    admission.admit("a")
+    with pytest.raises(TooManyRequests):
+        admission.check("a")
+    admission.admit("b")
+    with pytest.raises(Unavailable, match="the queue is full"):
+        admission.check("c")
+    assert admission.total() == 2

@@ -106,6 +106,13 @@ def test_plan_keeps_a_device_order_the_environment_chose():
     assert placements == [Placement("0", {"FASTDEPLOY_DEVICE": "0", "CUDA_VISIBLE_DEVICES": "0"})]
 
 
+def test_plan_keeps_cudas_own_order_for_gpus_an_inherited_cuda_visible_devices_named():
+    """Indices from CUDA_VISIBLE_DEVICES were meant in CUDA's default order: PCI order would move them."""
+    inherited = resolve("auto", {"CUDA_VISIBLE_DEVICES": "2,3"})
+    placements = plan(inherited, 1, 1, {"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert [p.env for p in placements] == [{"FASTDEPLOY_DEVICE": g, "CUDA_VISIBLE_DEVICES": g} for g in ("2", "3")]
+
+
 def test_plan_on_the_cpu_multiplies_replicas_and_hides_gpus_only_when_asked():
     asked = plan(Devices((), True, "--devices cpu"), replicas=2, replicas_per_device=3, environ={})
     assert len(asked) == 6
