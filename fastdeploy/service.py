@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import logging
 import threading
@@ -101,7 +102,8 @@ class StoreBridge:
             self._pending.append((job, future))
         if not self._turn_flush_scheduled:
             self._turn_flush_scheduled = True
-            loop.call_soon(self._flush_turn, loop)
+            # in a context of its own: its log lines are about a group of jobs, not this request's
+            loop.call_soon(self._flush_turn, loop, context=contextvars.Context())
         await future
 
     def _flush_turn(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, Optional, Sequence
+from typing import IO, Any, AsyncContextManager, AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping, Optional, Sequence
 
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
@@ -314,17 +315,34 @@ async def receive_upload(
             upload.discard()
 
 
+def _deadline(idle: float) -> AsyncContextManager[Any]:
+    """``asyncio.timeout(idle)`` where there is one (Python 3.11+), else nothing (see ``_within``)."""
+    timeout = getattr(asyncio, "timeout", None)
+    return timeout(idle) if timeout is not None else _no_deadline()
+
+
+@contextlib.asynccontextmanager
+async def _no_deadline() -> AsyncIterator[None]:
+    yield None
+
+
+async def _within(receive: Receive, idle: float) -> Message:
+    return await asyncio.wait_for(receive(), idle)
+
+
 async def _feed(parser: MultipartParser, receive: Receive, idle: float) -> None:
     """Parse the body as it arrives; a client silent for ``idle`` seconds (less at most a quarter) is
     408. The deadline moves a few times per ``idle``, not on every chunk: this loop carries every byte."""
     loop = asyncio.get_running_loop()
     step = idle * _IDLE_STEP
     moved = loop.time()
+    if not hasattr(asyncio, "timeout"):  # Python 3.9 and 3.10: a deadline per chunk
+        receive = functools.partial(_within, receive, idle)
     try:
-        async with asyncio.timeout(idle) as deadline:
+        async with _deadline(idle) as deadline:
             while True:
                 message = await receive()
-                if loop.time() - moved >= step:
+                if deadline is not None and loop.time() - moved >= step:
                     moved = loop.time()
                     deadline.reschedule(moved + idle)
                 if message["type"] == "http.disconnect":
@@ -337,7 +355,7 @@ async def _feed(parser: MultipartParser, receive: Receive, idle: float) -> None:
                         raise BadRequest(f"the multipart body is malformed: {exc}") from None
                 if not message.get("more_body", False):
                     return
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):
         raise UploadStalled(f"the upload sent nothing for {idle:g} s and was dropped; send the body without "
                             "long pauses") from None
 
@@ -431,7 +449,7 @@ async def sweep(root: Optional[Path], finished: Callable[[list[str]], Awaitable[
     for start in range(0, len(ids), 500):
         ended += [candidates[job_id] for job_id in await finished(ids[start:start + 500])]
     if ended:
-        await asyncio.to_thread(_remove, ended)
+        await asyncio.to_thread(_remove, ended, now)
     return removed + len(ended)
 
 
@@ -489,9 +507,13 @@ def _sweep_incoming(parent: Path, now: float, errors: list[OSError]) -> int:
     return removed
 
 
-def _remove(folders: list[str]) -> None:
+def _remove(folders: list[str], now: float) -> None:
+    """Delete swept folders, but not one made again since it was listed: a client's id can be used
+    again once its job expired, and its new upload (fresh: ``Upload.settle`` touches it) must stay."""
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if os.stat(folder).st_mtime < now - SWEEP_GRACE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _ours(folder: str) -> bool:

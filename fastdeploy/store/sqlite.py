@@ -180,17 +180,27 @@ def _drain(db: sqlite3.Connection, table: str, column: str, rowid: int, size: in
         while done < size and (piece := blob.read(min(_STREAM_BYTES, size - done))):
             view[done:done + len(piece)] = piece
             done += len(piece)
+    if done != size:  # never within one snapshot; never answer a short value padded with zeros
+        raise sqlite3.DatabaseError(f"{table}.{column} row {rowid} held {done} bytes, not {size}")
     return out  # type: ignore[return-value]  # serves wherever these bytes go (unpack, join, send)
 
 
 def _write_large(db: sqlite3.Connection, table: str, job_id: str, value: bytes) -> None:
     """Insert a job's value into ``table`` (payloads or results: id, then data as the last column,
     where SQLite keeps a zeroblob as a size instead of writing out its zeros in memory)."""
+    # OR REPLACE: a row an older version left behind for this id is stale, never a reason to fail
     if not _streamed(value):
-        db.execute(f"INSERT INTO {table} (id, data) VALUES (?, ?)", (job_id, value))
+        db.execute(f"INSERT OR REPLACE INTO {table} (id, data) VALUES (?, ?)", (job_id, value))
         return
-    cursor = db.execute(f"INSERT INTO {table} (id, data) VALUES (?, zeroblob(?))", (job_id, len(value)))
+    cursor = db.execute(f"INSERT OR REPLACE INTO {table} (id, data) VALUES (?, zeroblob(?))", (job_id, len(value)))
     _fill(db, table, "data", int(cursor.lastrowid or 0), value)
+
+
+def _read_result(db: sqlite3.Connection, rowid: int, size: int) -> bytes:
+    if _STREAMS:
+        return _drain(db, "results", "data", rowid, size)
+    found = db.execute("SELECT data FROM results WHERE rowid = ?", (rowid,)).fetchone()  # a Python without blobopen
+    return found[0] if found is not None else b""
 
 
 def _read_payload(db: sqlite3.Connection, job_id: str) -> bytes:
@@ -522,31 +532,45 @@ class SQLiteStore(Store):
             self._ring_after_commit(stage_role(0))
 
     def get(self, ids: Sequence[str]) -> dict[str, JobView]:
+        """In one read transaction: a large result is read from the same snapshot as its job's row
+        (between two separate reads it could expire and its row number go to another job's result)."""
+        db = self._db()
+        if db.in_transaction:  # a COMMIT that failed (disk full) left it open
+            _rollback(db)
+        views = self._views(db, ids, large=False)
+        if views is not None:
+            return views  # no large result among them: one statement, as most reads are
+        db.execute("BEGIN")
+        try:
+            views = self._views(db, ids, large=True)
+        finally:
+            _rollback(db)  # it wrote nothing: ending it either way is the same
+        assert views is not None
+        return views
+
+    def _views(self, db: sqlite3.Connection, ids: Sequence[str], large: bool) -> Optional[dict[str, JobView]]:
+        """The jobs' views; None when one has a large result and ``large`` is not set (read it again
+        inside a transaction)."""
         views: dict[str, JobView] = {}
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            rows = self._read(
+            rows = db.execute(
                 "SELECT j.id, j.status, j.result, j.reason, j.error_status, j.owner, w.status, w.attempts,"
                 " w.last_error, r.rowid, length(r.data) FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id"
-                f" LEFT JOIN results r ON r.id = j.id WHERE j.id IN ({marks})", chunk,
-            )
+                # a results row counts only for a done job with no result of its own (a row an older
+                # version left when it expired its job must not answer for a new job of that id)
+                " LEFT JOIN results r ON r.id = j.id AND j.status = 'done' AND j.result IS NULL"
+                f" WHERE j.id IN ({marks})", chunk,
+            ).fetchall()
             for job_id, status, result, reason, error_status, owner, hook, attempts, error, rowid, size in rows:
                 if rowid is not None:  # a large result: read a slice at a time
-                    result = self._large_result(rowid, size)
-                    if result is None:
-                        continue  # expired between the two reads: as good as unknown
+                    if not large:
+                        return None
+                    result = _read_result(db, rowid, size)
                 webhook = WebhookState(hook, int(attempts), error) if hook is not None else None
                 views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500, owner, webhook)
         return views
-
-    def _large_result(self, rowid: int, size: int) -> Optional[bytes]:
-        try:
-            return _drain(self._db(), "results", "data", rowid, size)
-        except sqlite3.OperationalError as exc:  # the row went (its result expired) after the first read
-            if "no such rowid" in str(exc):
-                return None
-            raise
 
     def cancel(
         self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,

@@ -199,3 +199,32 @@ def test_values_over_a_mebibyte_go_in_and_out_a_slice_at_a_time_unchanged(tmp_pa
         assert _payload_ids(tmp_path) == []  # the large input left with its job
     finally:
         store.close()
+
+
+def test_a_results_row_left_behind_never_answers_for_a_new_job_of_that_id(tmp_path: Path) -> None:
+    """A version that did not know the results table expired a job but left its large result there;
+    a new job with the same id (a client's own id) gets its own result, small or large."""
+    store = SQLiteStore(tmp_path)
+    try:
+        stale = b"[" + b"1" * (2 * 1024 * 1024) + b"]"
+
+        def leave_stale_row() -> None:
+            db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+            db.execute("INSERT INTO results (id, data) VALUES ('mine', ?)", (stale,))
+            db.commit()
+            db.close()
+
+        leave_stale_row()
+        store.submit([NewJob("mine", b"p", 1, 9, None, None)])
+        store.claim(0, 8, "w", 30)
+        store.finish([Outcome("mine", 0, result=b'["small"]')], "w")
+        assert store.get(["mine"])["mine"].result == b'["small"]'
+        store.maintain(time.time() + 10, 1, 1e9)  # expire it (and its results row, had it one)
+        leave_stale_row()
+        large = b"[" + b"2" * (2 * 1024 * 1024) + b"]"
+        store.submit([NewJob("mine", b"p", 1, 9, None, None)])
+        store.claim(0, 8, "w", 30)
+        store.finish([Outcome("mine", 0, result=large)], "w")  # over the stale row: no IntegrityError
+        assert bytes(store.get(["mine"])["mine"].result or b"") == large
+    finally:
+        store.close()
