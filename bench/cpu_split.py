@@ -64,8 +64,8 @@ def main() -> None:
             except OSError:
                 time.sleep(0.2)
         pids = tree(server.pid)
-        if os.environ.get("PYSPY_LOOP"):  # profile one loop while the load runs
-            loop_pid = next(p for p in pids if role(p) == "loop")
+        if os.environ.get("PYSPY_LOOP"):  # profile one process of PYSPY_ROLE (loop, api) while the load runs
+            loop_pid = next(p for p in pids if role(p) == os.environ.get("PYSPY_ROLE", "loop"))
             subprocess.Popen(["py-spy", "record", "-p", str(loop_pid), "-d", str(int(seconds)), "-r", "250",
                               "--format", "raw", "-o", os.environ["PYSPY_LOOP"], "--nonblocking"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
