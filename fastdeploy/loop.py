@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from fastdeploy import batching, logs
+from fastdeploy import batching, logs, uploads
 from fastdeploy.errors import FastDeployError
 from fastdeploy.jobs import (
     BATCH_BUCKETS,
@@ -36,7 +36,6 @@ from fastdeploy.jobs import (
 )
 from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests, user_exc_info
 from fastdeploy.recipe import Recipe, load_predictor, run_user_code
-from fastdeploy import uploads
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
@@ -132,6 +131,8 @@ class PredictionLoop:
         self._files_root = uploads.files_root(settings) if self._file_stage else None
         self._uploaded: set[str] = set()  # jobs predicted from their upload folder: deleted once recorded
         self._heartbeat_failure = ""  # why the last heartbeat failed ("" when it did not)
+        # the device the supervisor placed this loop on, for /meta, /metrics and the status page
+        self._device = os.environ.get("FASTDEPLOY_DEVICE") or "cpu"
 
     # -- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
@@ -231,8 +232,7 @@ class PredictionLoop:
 
     # -- heartbeat ------------------------------------------------------------
     def _info(self) -> WorkerInfo:
-        # the device the supervisor placed this loop on (its environment), for /meta, /metrics and the status page
-        stats = {**self.stats.as_dict(), **self.doorbell.stats, "device": os.environ.get("FASTDEPLOY_DEVICE") or "cpu"}
+        stats = {**self.stats.as_dict(), **self.doorbell.stats, "device": self._device}
         return WorkerInfo(
             self.worker_id, self.stage, socket.gethostname(), os.getpid(), self.batch_size, self.ready, time.time(), stats
         )

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
-from fastdeploy import bodies, logs
+from fastdeploy import bodies, logs, uploads
 from fastdeploy.admission import Admission
 from fastdeploy.errors import FastDeployError, JobExists, StoreUnavailable, Unavailable
 from fastdeploy.jobs import (
@@ -32,7 +32,6 @@ from fastdeploy.jobs import (
     encode_inputs,
     new_job_id,
 )
-from fastdeploy import uploads
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
 from fastdeploy.settings import Settings

@@ -275,8 +275,11 @@ def _incoming(root: Optional[Path]) -> Path:
         if root is None:
             return Path(tempfile.mkdtemp(prefix="fastdeploy-upload-"))
         parent = root / INCOMING
-        parent.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(dir=parent))
+        try:
+            folder = Path(tempfile.mkdtemp(dir=parent))
+        except FileNotFoundError:  # the first upload (or the folder was removed): make it once, not per upload
+            parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(dir=parent))
         (folder / MARKER).touch()
         return folder
     except OSError as exc:

@@ -339,18 +339,21 @@ async def status_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Rep
 
 
 async def status_page_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    page = pages.own("status.html")
-    return Reply(200, page.body, pages.PAGE_HEADERS, page.media_type)
+    return _own("status.html")
 
 
 async def docs_page_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    page = pages.own("docs.html")
-    return Reply(200, page.body, pages.PAGE_HEADERS, page.media_type)
+    return _own("docs.html")
 
 
 async def static_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    asset = pages.own(scope["path_params"]["name"])
-    return Reply(200, asset.body, pages.PAGE_HEADERS, asset.media_type)  # ours change with each version
+    return _own(scope["path_params"]["name"])
+
+
+def _own(name: str) -> Reply:
+    """One of our pages or their assets (they change with each version: never cached unchecked)."""
+    asset = pages.own(name)
+    return Reply(200, asset.body, pages.PAGE_HEADERS, asset.media_type)
 
 
 async def swagger_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
