@@ -241,6 +241,8 @@ def _run_api(settings: Settings, recipe: Any, fd: int, metrics_dir: Optional[str
         # uvicorn's parser with a deadline for request heads and a cap on connections
         http=protocol_class(Limits(settings.header_timeout, settings.max_connections)),
         timeout_keep_alive=settings.keep_alive,  # type: ignore[arg-type]  # seconds; a float works (call_later)
+        # the one place uvicorn learns it: X-Forwarded-For is believed from these proxies only
+        proxy_headers=settings.trusted_proxies is not None, forwarded_allow_ips=settings.trusted_proxies,
         lifespan="on",
         access_log=False,
         log_config=None, log_level=None,  # uvicorn's loggers go through ours (logs.configure), in our format

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import os
 import time
@@ -66,10 +67,41 @@ def _base_url(url: str) -> str:
 
 
 def _headers(api_key: Optional[str]) -> dict[str, str]:
-    headers = {"user-agent": f"fastdeploy-client/{__version__}", "content-type": "application/json"}
+    headers = {"user-agent": f"fastdeploy-client/{__version__}"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     return headers
+
+
+class _Files(NamedTuple):
+    """A multipart body: files by name (a path, opened at each attempt, or bytes) and plain form
+    fields. Files go as multipart, which the server streams to disk: no base64, no size bound
+    but the server's upload limits, and a path is read as it is sent, never held whole."""
+
+    files: tuple[tuple[str, FileLike], ...]
+    fields: dict[str, str]
+
+    def parts(self, stack: contextlib.ExitStack) -> list[tuple[str, tuple[str, Any]]]:
+        """httpx's ``files=``: each file under its name, as field and file name (the predictor
+        sees that name); paths opened here and closed by ``stack``."""
+        parts = []
+        for name, value in self.files:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                content: Any = bytes(value)
+            else:
+                content = stack.enter_context(open(Path(value), "rb"))
+            parts.append((name, (name, content)))
+        return parts
+
+
+_Body = Union[bytes, _Files]
+_JSON = {"content-type": "application/json"}
+
+
+def _multipart_safe(name: str) -> bool:
+    """Whether a file name survives a multipart header unchanged: printable ASCII without ``"``
+    or ``\\`` (httpx escapes those and the server's parser keeps the escapes)."""
+    return name.isascii() and name.isprintable() and '"' not in name and "\\" not in name
 
 
 def _file_bytes(value: FileLike) -> bytes:
@@ -80,19 +112,20 @@ def _file_bytes(value: FileLike) -> bytes:
 
 
 def _body(inputs: Inputs, priority: Optional[int] = None, webhook: Optional[str] = None,
-          unique_id: Optional[str] = None) -> bytes:
-    """A /sync or /async body: a list of inputs, or a mapping of file name to path or bytes."""
+          unique_id: Optional[str] = None) -> _Body:
+    """A /sync or /async body: JSON for a list of inputs, multipart for a mapping of file name
+    to path or bytes (a FILE recipe); base64 in JSON when a name would not survive multipart."""
     if isinstance(inputs, (str, bytes)):
         raise TypeError("inputs must be a list of inputs (or, for a FILE recipe, a mapping of name to file)")
+    extras = {key: value for key, value in (("priority", priority), ("webhook", webhook), ("unique_id", unique_id))
+              if value is not None}
+    if isinstance(inputs, Mapping) and all(_multipart_safe(str(name)) for name in inputs):
+        return _Files(tuple(inputs.items()), {key: str(value) for key, value in extras.items()})
     if isinstance(inputs, Mapping):
         data: Any = {name: base64.b64encode(_file_bytes(v)).decode("ascii") for name, v in inputs.items()}
     else:
         data = list(inputs)
-    body: dict[str, Any] = {"data": data}
-    for key, value in (("priority", priority), ("webhook", webhook), ("unique_id", unique_id)):
-        if value is not None:
-            body[key] = value
-    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps({"data": data, **extras}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _document(response: httpx.Response) -> dict[str, Any]:
@@ -157,7 +190,7 @@ class _Post(NamedTuple):
     """A step: POST ``body`` to ``path``, waiting at most ``timeout`` seconds for the answer."""
 
     path: str
-    body: bytes
+    body: _Body
     timeout: float
 
 
@@ -192,7 +225,7 @@ def _resume(plan: _Plan[T], reply: _Reply) -> Union[_Step, _Done[T]]:
         return _Done(done.value)
 
 
-def _post_plan(url: str, path: str, body: bytes, budget: float) -> _Plan[dict[str, Any]]:
+def _post_plan(url: str, path: str, body: _Body, budget: float) -> _Plan[dict[str, Any]]:
     """POST ``body`` to ``path``: the answer's document; 503 and 429 are tried again after their
     Retry-After while the ``budget`` (seconds) lasts."""
     deadline = time.monotonic() + budget
@@ -305,7 +338,11 @@ class Client(_Base):
             time.sleep(step.seconds)
             return None
         try:
-            return self._http.post(step.path, content=step.body, timeout=step.timeout)
+            if isinstance(step.body, bytes):
+                return self._http.post(step.path, content=step.body, headers=_JSON, timeout=step.timeout)
+            with contextlib.ExitStack() as stack:
+                return self._http.post(step.path, files=step.body.parts(stack), data=step.body.fields,
+                                       timeout=step.timeout)
         except httpx.TransportError as exc:
             return exc
 
@@ -364,7 +401,11 @@ class AsyncClient(_Base):
             await asyncio.sleep(step.seconds)
             return None
         try:
-            return await self._http.post(step.path, content=step.body, timeout=step.timeout)
+            if isinstance(step.body, bytes):
+                return await self._http.post(step.path, content=step.body, headers=_JSON, timeout=step.timeout)
+            with contextlib.ExitStack() as stack:  # httpx reads the files in chunks as it sends them
+                return await self._http.post(step.path, files=step.body.parts(stack), data=step.body.fields,
+                                             timeout=step.timeout)
         except httpx.TransportError as exc:
             return exc
 

@@ -362,6 +362,7 @@ class PredictionLoop:
         except (UntrustedPayload, uploads.UploadMissing) as exc:  # never loaded: a payload this service did not sign fails its job only
             return [], None, f"could not prepare the inputs: {exc}"
         except Exception as exc:  # whatever a foreign payload makes the decoder raise fails this job only
+            log.warning("could not prepare a job's inputs", exc_info=True, extra=logs.about_job(job.id))
             return [], None, f"could not prepare the inputs: {describe(exc)}"
 
     def _stage_secret(self) -> str:
@@ -435,5 +436,5 @@ class PredictionLoop:
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"
             log.warning("the predictor's output cannot be encoded %s: %s", what, describe(exc),
-                        extra=logs.about_job(job.id))
+                        exc_info=True, extra=logs.about_job(job.id))
             return Outcome(job.id, self.stage, reason=f"the predictor's output cannot be encoded {what}: {describe(exc)}")

@@ -282,7 +282,8 @@ def validate_webhook(url: Any, allowed_hosts: frozenset[str], deny_private: bool
     if allowed_hosts and host.lower() not in allowed_hosts:
         literal = str(address) if address is not None else host.lower()
         if literal not in allowed_hosts:
-            raise BadRequest(f"webhook host {host!r} is not allowed here; allowed: {', '.join(sorted(allowed_hosts))}")
+            allowed = ", ".join(sorted(allowed_hosts))
+            raise BadRequest(f"webhook host {host!r} is not allowed here; allowed (--webhook-hosts): {allowed}")
     return url
 
 

@@ -126,7 +126,7 @@ class Settings:
         group="prediction loops"))
     spin_us: float = field(default=1000.0, metadata=_meta(
         "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client "
-        "sends request after request (0 = always sleep)", minimum=0, group="batching"))
+        "sends request after request (0 = always sleep)", env=("SPIN_US",), minimum=0, group="batching"))
     result_ttl: float = field(default=3600.0, metadata=_meta(
         "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1, group="store"))
     max_body_mb: float = field(default=100.0, metadata=_meta(
@@ -164,6 +164,9 @@ class Settings:
     cors_origins: str = field(default="", metadata=_meta(
         "comma-separated origins (scheme://host[:port]) whose web pages may call this service, * for any "
         "(empty = no CORS headers)", group="security"))
+    forwarded_allow_ips: str = field(default="127.0.0.1,::1", metadata=_meta(
+        "comma-separated proxy addresses (or *) whose X-Forwarded-For names the client: its lane in the fair "
+        "share without API keys (none = believe no proxy)", env=("FORWARDED_ALLOW_IPS",), group="security"))
     lease_seconds: float = field(default=30.0, metadata=_meta(
         "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1, group="store"))
     heartbeat_seconds: float = field(default=1.0, metadata=_meta(
@@ -206,6 +209,12 @@ class Settings:
     @property
     def cors_origin_list(self) -> list[str]:
         return cors_origin_list(self.cors_origins)
+
+    @property
+    def trusted_proxies(self) -> Optional[str]:
+        """The proxies whose X-Forwarded-For is believed, as uvicorn takes them; None: none is."""
+        value = self.forwarded_allow_ips.strip()
+        return None if value.lower() in ("", "none") else value
 
     @property
     def allowed_webhook_hosts(self) -> frozenset[str]:

@@ -21,6 +21,7 @@ from fastdeploy.store.base import Failure, Outbox
 
 FRESH_SECONDS = 1.0  # how stale the failures and the outbox may be
 FAILURES_SHOWN = 10
+FAILURES_READ = 50  # read for every key at once; each key is shown only its own (API keys on)
 
 RequestSummary = Callable[[], Mapping[str, Any]]
 
@@ -38,7 +39,8 @@ class StatusBoard:
         self._outbox: Optional[Outbox] = None
         self._store_error: Optional[str] = None
 
-    async def document(self) -> dict[str, Any]:
+    async def document(self, owner: Optional[str] = None) -> dict[str, Any]:
+        """The document; with ``owner`` (API keys on), the failures listed are that key's jobs only."""
         if time.monotonic() - self._read_at >= FRESH_SECONDS:
             self._read_at = time.monotonic()
             try:
@@ -58,7 +60,8 @@ class StatusBoard:
             },
             "stages": [_stage(stage, depths, workers, now) for stage in range(recipe.stages)],
             "requests": dict(self._requests()),
-            "failures": [{"at": f.at, "unique_id": f.unique_id, "reason": f.reason} for f in self._failures],
+            "failures": [{"at": f.at, "unique_id": f.unique_id, "reason": f.reason}
+                         for f in self._failures if owner is None or f.owner == owner][:FAILURES_SHOWN],
             "webhooks": None if self._outbox is None else {
                 "pending": self._outbox.pending, "delivered": self._outbox.delivered, "failed": self._outbox.failed,
             },
@@ -67,7 +70,7 @@ class StatusBoard:
 
     def _read_store(self) -> tuple[list[Failure], Outbox]:
         store = self._service.store
-        return store.recent_failures(FAILURES_SHOWN), store.outbox()
+        return store.recent_failures(FAILURES_READ), store.outbox()
 
 
 def _stage(stage: int, depths: list[int], workers: list[WorkerInfo], now: float) -> dict[str, Any]:

@@ -171,6 +171,10 @@ class Supervisor:
                 if exc.reason != said:  # a full disk fails every pass: say so once, not 5 times a second
                     log.warning("%s", exc.reason)
                     said = exc.reason
+            except Exception as exc:  # a thread's top: log it (once per kind of failure), keep checkpointing
+                if repr(exc) != said:
+                    log.exception("checkpoint failed")
+                    said = repr(exc)
 
     def _fresh_metrics_dir(self) -> None:
         """An empty folder, private to this service (0700), through which the API processes sum their

@@ -54,8 +54,8 @@ class Server:
             return requests.post(self.url + path, data=data, timeout=timeout, **kw)
         return requests.post(self.url + path, json=body, timeout=timeout, **kw)
 
-    def get(self, path: str, timeout: float = 30) -> requests.Response:
-        return requests.get(self.url + path, timeout=timeout)
+    def get(self, path: str, timeout: float = 30, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=timeout, **kw)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -173,13 +173,15 @@ def module_server(recipe: Path | str, *, args: Sequence[str] = (),
 
 
 def make_file_recipe(folder: Path) -> Path:
-    """A tiny FILE recipe in ``folder``: each file's name, size and SHA-256."""
+    """A tiny FILE recipe in ``folder``: each file's name, size and SHA-256 (after FD_TEST_SLEEP
+    seconds per call, when set)."""
     (folder / "examples").mkdir(parents=True)
     (folder / "examples" / "a.txt").write_bytes(b"example")
     (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
     (folder / "predictor.py").write_text(
-        "import hashlib, os\n\n\n"
+        "import hashlib, os, time\n\n\n"
         "def predictor(inputs, batch_size=1):\n"
+        "    time.sleep(float(os.environ.get('FD_TEST_SLEEP', '0')))\n"
         "    out = []\n"
         "    for path in inputs:\n"
         "        data = open(path, 'rb').read()\n"

@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, NamedTuple, Optional
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -334,8 +335,9 @@ async def openapi_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Re
 
 
 async def status_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
-    """GET /status.json: what the status page shows (``fastdeploy.status``)."""
-    return Reply(200, bodies.document(await api.status.document()), {"Cache-Control": "no-store"})
+    """GET /status.json: what the status page shows (``fastdeploy.status``); a key sees its own failures."""
+    owner = scope[OWNER] if api.keys.enabled else None
+    return Reply(200, bodies.document(await api.status.document(owner)), {"Cache-Control": "no-store"})
 
 
 async def status_page_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Reply:
@@ -499,14 +501,21 @@ class FastDeployApp:
         """POST /sync and POST /infer (3.x clients send nothing else) straight to their handlers."""
         request_id: Optional[str] = scope.get(REQUEST_ID)  # None: stamped on the way out, or the lifespan
         if scope["type"] == "http" and scope["method"] == "POST":
-            if scope["path"] == "/sync":
+            if scope["path"] == "/sync" and not _speaks_3x(scope):
                 await _send(send, await answer("sync", self.api, sync_handler, scope, receive), request_id)
                 return
-            if scope["path"] == "/infer":
+            if scope["path"] in ("/infer", "/sync"):
                 await _send(send, await answer("infer", self.api, infer_handler, scope, receive, public=True),
                             request_id)
                 return
         await self.framework(scope, receive, send if request_id is None else _stamped(send, request_id))
+
+
+def _speaks_3x(scope: Scope) -> bool:
+    """Whether a POST /sync is in the fastDeploy 3.x protocol, which 3.x served on /sync as on
+    /infer: it names its serialisation in the query (the original API's /sync has no query)."""
+    query = scope.get("query_string", b"")
+    return bool(query) and not {"input_type", "compressed"}.isdisjoint(parse_qs(query.decode("latin-1")))
 
 
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:

@@ -44,11 +44,12 @@ class WebhookDelivery:
 
 @dataclass(frozen=True)
 class Failure:
-    """A job that failed, as the status page lists it: when, which, why."""
+    """A job that failed, as the status page lists it: when, which, why, and whose (its owner)."""
 
     at: float
     unique_id: str
     reason: str
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ class Store(abc.ABC):
     # -- what an operator sees -------------------------------------------------
     @abc.abstractmethod
     def recent_failures(self, limit: int) -> list[Failure]:
-        """The last ``limit`` jobs that failed, newest first (cheap: read once a second per open page)."""
+        """The last ``limit`` jobs that failed, newest first, with their owners (cheap: read once a second
+        per open page; a page shows a key only its own)."""
 
     @abc.abstractmethod
     def outbox(self) -> Outbox:

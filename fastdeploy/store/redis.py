@@ -836,14 +836,21 @@ class RedisStore(Store):
 
     # -- what an operator sees -------------------------------------------------
     def recent_failures(self, limit: int) -> list[Failure]:
-        failures = []
+        entries = []
         for raw in self._redis.lrange(self.keys.failures, 0, max(0, limit - 1)):
             try:
-                at, job_id, reason = orjson.loads(raw)
-                failures.append(Failure(float(at), str(job_id), str(reason)))
+                at, job_id, reason, *_ = orjson.loads(raw)
+                entries.append((float(at), str(job_id), str(reason)))
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 log.warning("skipped an unreadable entry in %s", self.keys.failures)
-        return failures
+        # each job's owner from the job itself (the entries keep the format every version reads);
+        # a job whose result expired has none, and is then shown to no key
+        with self._redis.pipeline(transaction=False) as pipe:
+            for _, job_id, _ in entries:
+                pipe.hget(self.keys.job(job_id), "owner")
+            owners = pipe.execute()
+        return [Failure(at, job_id, reason, _text(owner) if owner else "")
+                for (at, job_id, reason), owner in zip(entries, owners)]
 
     def outbox(self) -> Outbox:
         with self._redis.pipeline(transaction=False) as pipe:

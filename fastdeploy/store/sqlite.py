@@ -373,6 +373,12 @@ class SQLiteStore(Store):
             self._say_outage(operation, exc)
         return StoreUnavailable(f"the job store {self.path.name} failed: {exc}")
 
+    def _not_writable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        """The write lock could not be taken: logged as any other failure (an outage, rate-limited;
+        a bug with its traceback)."""
+        self._unavailable("a write", exc)
+        return StoreUnavailable(f"the job store {self.path.name} is not writable: {exc}")
+
     def _say_outage(self, operation: str, exc: BaseException) -> None:
         """Warn when the store starts failing or fails anew, then once a minute at most: a full disk fails
         every write of every request, and a line each would flood the log (often kept on that disk)."""
@@ -414,10 +420,12 @@ class SQLiteStore(Store):
                 db.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if not wait or "locked" not in str(exc) or time.monotonic() > deadline:
+                if not wait and "locked" in str(exc):  # the caller asked not to wait: no outage
                     raise StoreUnavailable(f"the job store {self.path.name} is not writable: {exc}") from None
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise self._not_writable(exc) from None
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"the job store {self.path.name} is not writable: {exc}") from None
+                raise self._not_writable(exc) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.001)
 
@@ -826,9 +834,9 @@ class SQLiteStore(Store):
 
     # -- what an operator sees -------------------------------------------------
     def recent_failures(self, limit: int) -> list[Failure]:
-        rows = self._read("SELECT finished, id, reason FROM jobs WHERE status = 'failed' ORDER BY finished DESC"
-                          " LIMIT ?", (limit,))
-        return [Failure(at or 0.0, job_id, reason or "") for at, job_id, reason in rows]
+        rows = self._read("SELECT finished, id, reason, owner FROM jobs WHERE status = 'failed'"
+                          " ORDER BY finished DESC LIMIT ?", (limit,))
+        return [Failure(at or 0.0, job_id, reason or "", owner or "") for at, job_id, reason, owner in rows]
 
     def outbox(self) -> Outbox:
         ((pending,),) = self._read("SELECT count(*) FROM webhooks WHERE status = 'pending'")

@@ -30,7 +30,7 @@ faulty = module_server(TEST_RECIPES / "faulty", args=FAST_START)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     recipe = make_file_recipe(tmp_path_factory.mktemp("recipes") / "digest")
-    with serve(recipe, args=FAST_START) as server:
+    with serve(recipe, args=[*FAST_START, "--max-body-mb", "1"]) as server:  # files go as multipart: no JSON bound
         yield server
 
 
@@ -79,6 +79,11 @@ def test_client_every_method_on_a_file_recipe(files, tmp_path):
         with pytest.raises(PredictionError) as failed:
             c.predict(["a list to a FILE recipe"])
         assert failed.value.status == 400 and "files" in failed.value.reason
+        odd = {'a"b.png': b"1", "\u00fc.png": b"2", "dir/x.png": b"3"}  # sent as JSON: names kept
+        assert c.predict_files(odd) == {name: digest(name.rsplit("/", 1)[-1], data) for name, data in odd.items()}
+        big = tmp_path / "big.bin"  # 3 MB: over the server's 1 MB JSON bound, so it went as multipart
+        big.write_bytes(bytes(range(256)) * (3 * 4096))
+        assert c.predict_files({"big.bin": big}) == {"big.bin": digest("big.bin", big.read_bytes())}
 
 
 def test_async_client_every_method_on_a_file_recipe(files, tmp_path):
@@ -193,6 +198,56 @@ def test_429_is_retried_after_retry_after_within_the_timeout():
             with pytest.raises(PredictionError) as refused:
                 c.predict(["fourth"], timeout=0.5)  # Retry-After is longer than this call's budget
             assert refused.value.status == 429
+
+
+def test_503_is_retried_by_both_clients_within_the_timeout():
+    """A full queue (--queue-limit) answers 503 with Retry-After: tried again while the call's budget lasts."""
+    env = {"FD_TEST_SLEEP": "1"}
+    args = ["--batch-size", "1", "--queue-limit", "1"]
+    with serve(TEST_RECIPES / "slow", args=args, env=env) as server:
+        def fill() -> None:  # jobs until one is refused: a second or more of work queued
+            deadline = time.monotonic() + 10
+            while requests.post(f"{server.url}/async", json={"data": ["fill"]}, timeout=10).status_code != 503:
+                assert time.monotonic() < deadline, "the queue never filled"
+
+        def sync_503s() -> float:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in server.get("/metrics").text.splitlines()
+                       if line.startswith("fastdeploy_requests_total{") and 'endpoint="sync"' in line
+                       and 'status="503"' in line)
+
+        fill()
+        with Client(server.url, timeout=30) as c:
+            assert c.predict(["blocking"])[0]["echo"] == "blocking"
+        assert sync_503s() >= 1  # it met the full queue, and was tried again
+
+        async def main() -> None:
+            async with AsyncClient(server.url, timeout=30) as c:
+                fill()
+                before = sync_503s()
+                assert (await c.predict(["asyncio"]))[0]["echo"] == "asyncio"
+                assert sync_503s() > before
+                fill()
+                with pytest.raises(PredictionError) as refused:
+                    await c.predict(["too soon"], timeout=1.0)  # its Retry-After reaches past this budget
+                assert refused.value.status == 503 and "queue" in refused.value.reason
+
+        asyncio.run(main())
+
+
+def test_files_are_sent_again_whole_when_a_503_is_retried(tmp_path):
+    recipe = make_file_recipe(tmp_path / "slow_digest")
+    photo = tmp_path / "photo.bin"
+    photo.write_bytes(bytes(range(256)) * 4096)  # 1 MB, read from its path at each attempt
+    args = ["--batch-size", "1", "--queue-limit", "1"]
+    with serve(recipe, args=args, env={"FD_TEST_SLEEP": "1"}) as server:
+        deadline = time.monotonic() + 10
+        while requests.post(f"{server.url}/async", files={"f.bin": b"fill"}, timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "the queue never filled"
+        with Client(server.url, timeout=30) as c:
+            assert c.predict_files({"photo.bin": photo}) == {"photo.bin": digest("photo.bin", photo.read_bytes())}
+        refused = [line for line in server.get("/metrics").text.splitlines()
+                   if line.startswith("fastdeploy_requests_total{") and 'endpoint="sync"' in line and '"503"' in line]
+        assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 1, refused
 
 
 def test_api_key_is_sent_as_bearer():

@@ -12,7 +12,8 @@ from tests.helpers import RECIPES, serve
 ORIGIN = "https://app.example.com"
 KEY = "cors-test-key-0123456789abcdef"
 ENDPOINTS = [("POST", "/sync"), ("POST", "/infer"), ("POST", "/async"), ("POST", "/result"), ("POST", "/cancel"),
-             ("GET", "/meta"), ("GET", "/metrics"), ("GET", "/health"), ("GET", "/ready"), ("GET", "/openapi.json")]
+             ("GET", "/meta"), ("GET", "/metrics"), ("GET", "/prometheus_metrics"), ("GET", "/health"),
+             ("GET", "/ready"), ("GET", "/openapi.json"), ("GET", "/status.json")]
 
 
 def preflight(url: str, path: str, method: str, origin: str = ORIGIN) -> requests.Response:
@@ -37,6 +38,20 @@ def test_preflight_is_answered_on_every_endpoint_without_a_key(keyed, method, pa
     assert method in response.headers["access-control-allow-methods"]
     allowed = response.headers["access-control-allow-headers"].lower()
     assert "authorization" in allowed and "x-api-key" in allowed and "content-type" in allowed
+
+
+@pytest.mark.parametrize("path", ["/", "/docs", "/static/status.js", "/docs/swagger-ui.css"])
+def test_the_pages_load_without_a_key_and_carry_the_allow_header(keyed, path):
+    page = requests.get(keyed.url + path, headers={"Origin": ORIGIN}, timeout=10)
+    assert page.status_code == 200 and page.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_what_the_pages_show_needs_a_key(keyed):
+    for path in ("/status.json", "/openapi.json"):
+        refused = requests.get(keyed.url + path, headers={"Origin": ORIGIN}, timeout=10)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN, path
+        shown = requests.get(keyed.url + path, headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"}, timeout=10)
+        assert shown.status_code == 200, path
 
 
 def test_real_requests_carry_the_allow_header(keyed):

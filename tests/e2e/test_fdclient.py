@@ -113,6 +113,16 @@ def test_the_asyncio_client_many_at_once(echo):
     assert [plain(a["prediction"]) for a in answers] == [[i, "a"] for i in range(150)] + [[i, "b"] for i in range(50)]
 
 
+def test_sync_with_a_3x_query_speaks_the_3x_protocol_as_3x_did(echo):
+    packed = zstandard.ZstdCompressor().compress(msgpack.packb(["a", 1]))
+    response = requests.post(f"{echo.url}/sync", params={"input_type": "msgpack", "compressed": "true"},
+                             data=packed, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    assert plain(decoded(response, compressed=True)["prediction"]) == ["a", 1]
+    plain_json = requests.post(f"{echo.url}/sync", json={"data": ["b"]}, timeout=30)  # the original API, as before
+    assert plain_json.json()["prediction"] == ["b"] and "reason" not in plain_json.json()
+
+
 def test_json_without_compression_and_the_3x_data_wrapper(echo):
     for body in (b'["j", 1]', b'{"data": ["j", 1]}'):
         response = requests.post(f"{echo.url}/infer", params={"input_type": "json"}, data=body, timeout=10)
@@ -139,6 +149,20 @@ def test_a_failing_input_fails_its_request_only(faulty):
     assert all(plain(g.result()["prediction"]) == [f"ok{i}"] for i, g in enumerate(good))
     response = infer_raw(faulty.url, msgpack.packb(["boom"]))
     assert response.status_code == 500 and "boom" in decoded(response)["reason"]
+
+
+def test_the_clients_timeout_bounds_the_wait_and_a_bad_one_is_400():
+    with serve(TEST_RECIPES / "slow", args=FAST_START, env={"FD_TEST_SLEEP": "8"}) as server:
+        started = time.monotonic()  # fdclient sends timeout=5 and itself gives up 10 % later
+        answer = FDClient(server.url, request_timeout=5).infer(["late"])
+        assert time.monotonic() - started < 7.5, "the wait was not bounded by the client's timeout"
+        assert answer["success"] is False and "timeout" in answer["reason"] and answer["unique_id"]
+        response = infer_raw(server.url, msgpack.packb(["late"]), timeout="0.3")
+        assert response.status_code == 500 and response.headers["content-type"] == "application/msgpack"
+        assert "timeout" in decoded(response)["reason"]
+        for bad in ("abc", "-1", "0"):
+            refused = infer_raw(server.url, msgpack.packb(["x"]), timeout=bad)
+            assert refused.status_code == 400 and "timeout" in decoded(refused)["reason"], bad
 
 
 class _Marker:

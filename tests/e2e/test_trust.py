@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import pytest
 import requests
@@ -20,15 +19,6 @@ SLOW = TEST_RECIPES / "slow"
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
-def store_args(request: pytest.FixtureRequest) -> Iterator[list[str]]:
-    """Extra command-line arguments that pick the store: none (embedded SQLite) or a fresh Redis prefix."""
-    if request.param == "embedded":
-        yield []
-    else:
-        yield ["--broker", request.getfixturevalue("redis_url")]
 
 
 # -- API keys -----------------------------------------------------------------------------
@@ -70,25 +60,42 @@ def test_a_job_is_seen_and_cancelled_only_with_the_key_that_submitted_it(store_a
         assert server.post("/cancel", {"unique_id": unique_id}, headers=bearer("k2")).status_code == 404
 
 
+def test_the_status_page_lists_a_key_only_its_own_failures(store_args):
+    with serve(TEST_RECIPES / "faulty", args=["--api-keys", "k1,k2", *store_args]) as server:
+        failed = server.post("/sync", {"data": ["boom"]}, headers=bearer("k1"))
+        assert failed.status_code == 500 and "cannot predict" in failed.json()["reason"]
+        deadline = time.monotonic() + 10
+        mine: list = []
+        while not mine:  # the document reads the store at most once a second
+            assert time.monotonic() < deadline, "k1's failure never showed on its status page"
+            mine = server.get("/status.json", headers=bearer("k1")).json()["failures"]
+            time.sleep(0.2)
+        assert mine[0]["unique_id"] == failed.json()["unique_id"]
+        assert server.get("/status.json", headers=bearer("k2")).json()["failures"] == []
+
+
 def test_the_keys_file_is_reread_on_sighup_without_dropping_requests(tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# team a\nold-key\n")
+    keys.write_text("# team a\nold-key\nsteady-key\n")
     with serve(RECIPES / "echo", args=["--api-keys-file", str(keys)]) as server:
         assert server.post("/sync", {"data": [1]}, headers=bearer("old-key")).status_code == 200
         assert server.post("/sync", {"data": [1]}, headers=bearer("new-key")).status_code == 401
         failures: list[int] = []
+        answered: list[int] = []
         stop = threading.Event()
 
         def steady() -> None:  # a client that keeps sending while the file changes and the servers reload
             with requests.Session() as session:
                 while not stop.is_set():
-                    ok = session.get(server.url + "/health", timeout=10)
+                    ok = session.post(server.url + "/sync", json={"data": [1]}, headers=bearer("steady-key"),
+                                      timeout=10)  # a key kept across the reload never sees a refusal
                     if ok.status_code != 200:
                         failures.append(ok.status_code)
+                    answered.append(ok.status_code)
 
         thread = threading.Thread(target=steady)
         thread.start()
-        keys.write_text("new-key  # rotated\n")
+        keys.write_text("new-key  # rotated\nsteady-key\n")
         server.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while server.post("/sync", {"data": [1]}, headers=bearer("new-key")).status_code != 200:
@@ -97,7 +104,7 @@ def test_the_keys_file_is_reread_on_sighup_without_dropping_requests(tmp_path):
         stop.set()
         thread.join()
         assert server.post("/sync", {"data": [1]}, headers=bearer("old-key")).status_code == 401
-        assert failures == [] and server.proc.poll() is None
+        assert failures == [] and answered and server.proc.poll() is None
 
 
 def test_a_bad_keys_file_stops_the_start_with_one_line(tmp_path):
@@ -111,24 +118,70 @@ def test_a_bad_keys_file_stops_the_start_with_one_line(tmp_path):
 
 # -- fair share and per-key bounds ----------------------------------------------------------
 def test_a_crowding_key_does_not_delay_another_keys_next_job(store_args):
-    env = {"FD_TEST_SLEEP": "0.02", "BATCH_SIZE": "4"}
+    env = {"FD_TEST_SLEEP": "0.1", "BATCH_SIZE": "4"}
     with serve(SLOW, args=["--api-keys", "crowd,lone", *store_args], env=env) as server:
-        with ThreadPoolExecutor(8) as pool:  # 400 jobs at the first priority: 100 batches, 2 s of work
+        def status(i: str) -> str:
+            return server.post("/result", {"unique_id": i}, headers=bearer("crowd")).json()["status"]
+
+        with ThreadPoolExecutor(8) as pool:  # 400 jobs at the first priority: 100 batches, 10 s of work
             ids = list(pool.map(
                 lambda i: server.post("/async", {"data": [i], "priority": 0}, headers=bearer("crowd")).json()["unique_id"],
                 range(400)))
-        started = time.monotonic()
-        answer = server.post("/sync", {"data": ["mine"], "priority": 9}, headers=bearer("lone"))
-        waited = time.monotonic() - started
-        assert answer.status_code == 200 and answer.json()["prediction"][0]["echo"] == "mine"
-        statuses = [server.post("/result", {"unique_id": i}, headers=bearer("crowd")).json()["status"] for i in ids]
+            started = time.monotonic()
+            answer = server.post("/sync", {"data": ["mine"], "priority": 9}, headers=bearer("lone"))
+            waited = time.monotonic() - started
+            assert answer.status_code == 200 and answer.json()["prediction"][0]["echo"] == "mine"
+            statuses = list(pool.map(status, ids))  # read at once: the crowd is still being predicted
         assert statuses.count("done") < 300, "the lone key's job waited behind the crowd"
-        assert waited < 1.0, waited  # about one batch (20 ms), not 100 batches
+        assert waited < 1.0, waited  # about one batch (0.1 s), not 100 batches
 
 
-def test_more_unfinished_jobs_than_the_per_key_bound_get_429_and_other_keys_go_on():
+def _post_from(address: str, url: str, path: str, body: dict) -> dict:
+    """POST from a given local address (127.0.0.x): without keys, a client's lane is its address."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30, source_address=(address, 0))
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def test_without_keys_client_addresses_take_turns(store_args):
+    env = {"FD_TEST_SLEEP": "0.1", "BATCH_SIZE": "4"}
+    with serve(SLOW, args=store_args, env=env) as server:
+        with ThreadPoolExecutor(8) as pool:  # 400 jobs from 127.0.0.2: 10 s of work
+            ids = list(pool.map(lambda i: _post_from("127.0.0.2", server.url, "/async", {"data": [i], "priority": 0})
+                                ["unique_id"], range(400)))
+            started = time.monotonic()
+            answer = _post_from("127.0.0.1", server.url, "/sync", {"data": ["mine"], "priority": 9})
+            waited = time.monotonic() - started
+            statuses = list(pool.map(lambda i: server.post("/result", {"unique_id": i}).json()["status"], ids))
+        assert answer["success"] and answer["prediction"][0]["echo"] == "mine"
+        assert statuses.count("done") < 300, "the other address's job waited behind the crowd"
+        assert waited < 1.0, waited  # about one batch (0.1 s), not 100 batches
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_without_keys_a_trusted_proxys_forwarded_for_names_the_client(trusted):
+    """The per-client bound (and lane) of a client behind a proxy on this host: X-Forwarded-For,
+    believed from --forwarded-allow-ips only."""
+    args = ["--queue-limit-per-key", "2", "--forwarded-allow-ips", "127.0.0.1" if trusted else "none"]
+    with serve(SLOW, args=args, env={"FD_TEST_SLEEP": "5", "BATCH_SIZE": "1"}) as server:
+        def post(client: str) -> int:
+            return server.post("/async", {"data": [client]}, headers={"X-Forwarded-For": client}).status_code
+
+        assert [post("10.0.0.1") for _ in range(3)] == [200, 200, 429]
+        assert post("10.0.0.2") == (200 if trusted else 429)  # another client, or the same proxy address
+
+
+def test_more_unfinished_jobs_than_the_per_key_bound_get_429_and_other_keys_go_on(store_args):
     env = {"FD_TEST_SLEEP": "0.5", "BATCH_SIZE": "1"}
-    args = ["--api-keys", "a,b", "--queue-limit-per-key", "5"]
+    args = ["--api-keys", "a,b", "--queue-limit-per-key", "5", *store_args]
     with serve(SLOW, args=args, env=env) as server:
         codes = [server.post("/async", {"data": [i]}, headers=bearer("a")).status_code for i in range(8)]
         assert codes[:5] == [200] * 5 and codes[5:] == [429] * 3
@@ -182,6 +235,9 @@ def test_result_tells_how_the_webhook_delivery_stands(store_args):
         ok = server.post("/async", {"data": [1], "webhook": receiver.url + "/ok"}).json()["unique_id"]
         dead = server.post("/async", {"data": [2], "webhook": "http://127.0.0.1:9/refused"}).json()["unique_id"]
         plain = server.post("/async", {"data": [3]}).json()["unique_id"]
+        hung = server.post("/async", {"data": [4], "webhook": receiver.url + "/hang"}).json()["unique_id"]
+        receiver.wait_for("/hang", 1)  # its first attempt is under way: the job is done, its webhook pending
+        assert server.post("/result", {"unique_id": hung}).json()["webhook"]["status"] == "pending"
         receiver.wait_for("/ok", 1)
         deadline = time.monotonic() + 30
         while True:

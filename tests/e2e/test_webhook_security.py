@@ -41,9 +41,9 @@ def _api_rss_kib(server: Server) -> int:
     return total
 
 
-def test_every_delivery_is_signed_and_verifies_including_retries():
+def test_every_delivery_is_signed_and_verifies_including_retries(store_args):
     env = {"FASTDEPLOY_WEBHOOK_SECRET": SECRET, "FASTDEPLOY_WEBHOOK_BACKOFF": "0.6"}
-    with Receiver(secret=SECRET) as receiver, serve(RECIPES / "echo", env=env) as server:
+    with Receiver(secret=SECRET) as receiver, serve(RECIPES / "echo", args=store_args, env=env) as server:
         first = server.post("/async", {"data": [1], "webhook": receiver.url + "/ok"}).json()["unique_id"]
         flaky = server.post("/async", {"data": [2], "webhook": receiver.url + "/flaky?x=1"}).json()["unique_id"]
         receiver.wait_for("/ok", 1)
@@ -120,6 +120,16 @@ def test_deny_private_refuses_private_literals_at_submit():
         for url in ("http://127.0.0.1:9/", "http://[::1]:9/", "http://10.1.2.3/", "http://192.168.0.10/"):
             answer = server.post("/async", {"data": [1], "webhook": url})
             assert answer.status_code == 400 and "--webhook-deny-private" in answer.json()["reason"], (url, answer.text)
+
+
+def test_webhook_hosts_is_an_allow_list_checked_at_submit():
+    with Receiver() as receiver, serve(RECIPES / "echo", args=["--webhook-hosts", "localhost"]) as server:
+        refused = server.post("/async", {"data": [1], "webhook": f"http://127.0.0.1:{receiver.port}/ok"})
+        assert refused.status_code == 400 and "--webhook-hosts" in refused.json()["reason"], refused.text
+        allowed = server.post("/async", {"data": [2], "webhook": f"http://localhost:{receiver.port}/ok"})
+        assert allowed.status_code == 200, allowed.text
+        receiver.wait_for("/ok", 1)
+        assert receiver.posts and len(receiver.posts) == 1
 
 
 def test_redirects_are_not_followed():

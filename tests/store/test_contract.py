@@ -506,6 +506,20 @@ def test_within_a_lane_the_owners_priorities_keep_their_order(store):
     assert [i for i in order if i != "b-first"] == ["late-urgent", "mid", "early"]
 
 
+def test_unfinished_jobs_are_counted_per_owner_queued_or_processing(store):
+    """The per-key queue bound (--queue-limit-per-key) reads these counts."""
+    store.submit([owned("a1", "key-a"), owned("a2", "key-a"), owned("a3", "key-a"), owned("b1", "key-b")])
+    assert store.unfinished_by_owner() == {"key-a": 3, "key-b": 1}
+    claimed = ids(store.claim(0, 2, "w1", 30))  # processing still counts
+    assert store.unfinished_by_owner() == {"key-a": 3, "key-b": 1}
+    assert "a3" not in claimed  # the last of its lane
+    store.finish([done(i) for i in claimed], "w1")  # finished and cancelled jobs no longer count
+    store.cancel(["a3"], "cancelled by its client", 409, status=JobStatus.CANCELLED)
+    left = {"a1", "a2", "b1"} - set(claimed)
+    expected = {f"key-{i[0]}": sum(1 for j in left if j[0] == i[0]) for i in left}
+    assert {o: n for o, n in store.unfinished_by_owner().items() if n} == expected
+
+
 def test_an_owners_job_is_read_back_with_its_owner(store):
     store.submit([owned("x", "key-x")])
     assert store.get(["x"])["x"].owner == "key-x"
@@ -581,6 +595,14 @@ def test_recent_failures_newest_first_and_only_failures(store):
     assert [(f.unique_id, f.reason) for f in failures] == [("bad", "it broke"), ("late", TIMED_OUT_REASON)]
     assert failures[0].at >= failures[1].at > time.time() - 60
     assert [f.unique_id for f in store.recent_failures(1)] == ["bad"]
+
+
+def test_recent_failures_carry_their_owner(store):
+    """So the status page can show each API key the failures of its own jobs only."""
+    store.submit([owned("a", "key-a"), owned("b", "key-b")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a", 0, reason="a broke"), Outcome("b", 0, reason="b broke")], "w1")
+    assert sorted((f.unique_id, f.owner) for f in store.recent_failures(10)) == [("a", "key-a"), ("b", "key-b")]
 
 
 def test_the_outbox_counts_pending_delivered_and_given_up_webhooks_once(store):

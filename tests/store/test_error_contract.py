@@ -41,6 +41,7 @@ def public_calls(store: Store) -> dict[str, Callable[[], Any]]:
         "submit": lambda: store.submit([NewJob("fresh", encode_inputs([1]), 1, 9)]),
         "get": lambda: store.get(["a"]),
         "unfinished": store.unfinished,
+        "unfinished_by_owner": store.unfinished_by_owner,
         "queue_depths": lambda: store.queue_depths(2),
         "cancel": lambda: store.cancel(["a"], "gone", 499),
         "claim": lambda: store.claim(0, 8, "w", 30),
@@ -52,6 +53,7 @@ def public_calls(store: Store) -> dict[str, Callable[[], Any]]:
         "claim_webhooks": lambda: store.claim_webhooks(5, 30),
         "webhook_retry": lambda: store.webhook_retry("a", time.time()),
         "webhook_delivered": lambda: store.webhook_delivered("a"),
+        "webhook_failed": lambda: store.webhook_failed("a", "refused"),
         "recent_failures": lambda: store.recent_failures(10),
         "outbox": store.outbox,
     }

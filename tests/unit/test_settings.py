@@ -21,6 +21,13 @@ def test_original_environment_names_keep_working(tmp_path):
         5.0, 7, True, 4, 0.25, 2, 9000)
 
 
+def test_spin_and_proxy_names_as_users_write_them(tmp_path):
+    s = load_settings(tmp_path, environ={"SPIN_US": "0", "FORWARDED_ALLOW_IPS": "10.0.0.5"})
+    assert (s.spin_us, s.spin_seconds, s.forwarded_allow_ips) == (0.0, 0.0, "10.0.0.5")
+    assert load_settings(tmp_path, environ={}).trusted_proxies == "127.0.0.1,::1"
+    assert load_settings(tmp_path, {"forwarded_allow_ips": "none"}, environ={}).trusted_proxies is None
+
+
 def test_flag_beats_new_name_beats_original_name(tmp_path):
     env = {"TIMEOUT": "5", "FASTDEPLOY_TIMEOUT": "6"}
     assert load_settings(tmp_path, environ=env).timeout == 6.0
