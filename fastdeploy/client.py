@@ -98,10 +98,21 @@ _Body = Union[bytes, _Files]
 _JSON = {"content-type": "application/json"}
 
 
+_MULTIPART_MAX_FILES = 1000  # the server takes at most this many files in one multipart request
+_UPLOAD_MARKER = ".fastdeploy-upload"  # a file name the server keeps for itself in multipart uploads
+
+
 def _multipart_safe(name: str) -> bool:
     """Whether a file name survives a multipart header unchanged: printable ASCII without ``"``
-    or ``\\`` (httpx escapes those and the server's parser keeps the escapes)."""
-    return name.isascii() and name.isprintable() and '"' not in name and "\\" not in name
+    or ``\\`` (httpx escapes those and the server's parser keeps the escapes), and one the
+    server takes there as it does in JSON."""
+    return (name.isascii() and name.isprintable() and '"' not in name and "\\" not in name
+            and name.rsplit("/", 1)[-1] not in ("", _UPLOAD_MARKER))
+
+
+def _as_multipart(files: Mapping[str, FileLike]) -> bool:
+    """Whether files can go as multipart with the same meaning as in JSON (else: base64 JSON)."""
+    return 0 < len(files) <= _MULTIPART_MAX_FILES and all(_multipart_safe(str(name)) for name in files)
 
 
 def _file_bytes(value: FileLike) -> bytes:
@@ -119,7 +130,7 @@ def _body(inputs: Inputs, priority: Optional[int] = None, webhook: Optional[str]
         raise TypeError("inputs must be a list of inputs (or, for a FILE recipe, a mapping of name to file)")
     extras = {key: value for key, value in (("priority", priority), ("webhook", webhook), ("unique_id", unique_id))
               if value is not None}
-    if isinstance(inputs, Mapping) and all(_multipart_safe(str(name)) for name in inputs):
+    if isinstance(inputs, Mapping) and _as_multipart(inputs):
         return _Files(tuple(inputs.items()), {key: str(value) for key, value in extras.items()})
     if isinstance(inputs, Mapping):
         data: Any = {name: base64.b64encode(_file_bytes(v)).decode("ascii") for name, v in inputs.items()}

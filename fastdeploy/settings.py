@@ -214,7 +214,7 @@ class Settings:
     def trusted_proxies(self) -> Optional[str]:
         """The proxies whose X-Forwarded-For is believed, as uvicorn takes them; None: none is."""
         value = self.forwarded_allow_ips.strip()
-        return None if value.lower() in ("", "none") else value
+        return None if value.lower() == "none" else value
 
     @property
     def allowed_webhook_hosts(self) -> frozenset[str]:
@@ -337,6 +337,9 @@ def load_settings(
     if values["log_format"] not in ("text", "json"):
         raise SettingsError(f"--log-format (FASTDEPLOY_LOG_FORMAT) must be text or json, not {values['log_format']!r}")
     cors_origin_list(values["cors_origins"])  # a malformed origin stops the command, naming the option
+    if not values["forwarded_allow_ips"].strip():  # an empty value would not reach the API servers
+        raise SettingsError("--forwarded-allow-ips (FASTDEPLOY_FORWARDED_ALLOW_IPS) is empty; "
+                            "write none to believe no proxy's X-Forwarded-For")
     try:  # a malformed device list stops the command, naming the option
         values["devices"] = ",".join(parse_devices(values["devices"]))
     except ValueError as exc:

@@ -515,7 +515,8 @@ def _speaks_3x(scope: Scope) -> bool:
     """Whether a POST /sync is in the fastDeploy 3.x protocol, which 3.x served on /sync as on
     /infer: it names its serialisation in the query (the original API's /sync has no query)."""
     query = scope.get("query_string", b"")
-    return bool(query) and not {"input_type", "compressed"}.isdisjoint(parse_qs(query.decode("latin-1")))
+    return bool(query) and not {"input_type", "compressed"}.isdisjoint(
+        parse_qs(query.decode("latin-1"), keep_blank_values=True))
 
 
 def create_app(settings: Settings, recipe: Recipe, metrics_dir: Optional[str] = None) -> ASGIApp:

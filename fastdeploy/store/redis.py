@@ -612,6 +612,14 @@ def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+def _same_time(stored: Any, at: float) -> bool:
+    """Whether a job's stored finish time is ``at`` (the failures list keeps 14 digits of it)."""
+    try:
+        return stored is not None and abs(float(_text(stored)) - at) < 0.01
+    except ValueError:
+        return False
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -843,14 +851,16 @@ class RedisStore(Store):
                 entries.append((float(at), str(job_id), str(reason)))
             except (orjson.JSONDecodeError, TypeError, ValueError):
                 log.warning("skipped an unreadable entry in %s", self.keys.failures)
-        # each job's owner from the job itself (the entries keep the format every version reads);
-        # a job whose result expired has none, and is then shown to no key
+        # each job's owner from the job itself (the entries keep the format every version reads),
+        # if it is still the job that failed then: an expired job has no owner, and an id used
+        # again since belongs to another job (it finished at another time, or not yet), so the
+        # failure is then shown to no key
         with self._redis.pipeline(transaction=False) as pipe:
             for _, job_id, _ in entries:
-                pipe.hget(self.keys.job(job_id), "owner")
-            owners = pipe.execute()
-        return [Failure(at, job_id, reason, _text(owner) if owner else "")
-                for (at, job_id, reason), owner in zip(entries, owners)]
+                pipe.hmget(self.keys.job(job_id), "owner", "finished")
+            jobs = pipe.execute()
+        return [Failure(at, job_id, reason, _text(owner) if owner and _same_time(finished, at) else "")
+                for (at, job_id, reason), (owner, finished) in zip(entries, jobs)]
 
     def outbox(self) -> Outbox:
         with self._redis.pipeline(transaction=False) as pipe:

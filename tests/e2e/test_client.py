@@ -81,6 +81,7 @@ def test_client_every_method_on_a_file_recipe(files, tmp_path):
         assert failed.value.status == 400 and "files" in failed.value.reason
         odd = {'a"b.png': b"1", "\u00fc.png": b"2", "dir/x.png": b"3"}  # sent as JSON: names kept
         assert c.predict_files(odd) == {name: digest(name.rsplit("/", 1)[-1], data) for name, data in odd.items()}
+        assert c.predict_files({}) == {}  # as in JSON (an empty multipart body would be refused)
         big = tmp_path / "big.bin"  # 3 MB: over the server's 1 MB JSON bound, so it went as multipart
         big.write_bytes(bytes(range(256)) * (3 * 4096))
         assert c.predict_files({"big.bin": big}) == {"big.bin": digest("big.bin", big.read_bytes())}

@@ -605,6 +605,18 @@ def test_recent_failures_carry_their_owner(store):
     assert sorted((f.unique_id, f.owner) for f in store.recent_failures(10)) == [("a", "key-a"), ("b", "key-b")]
 
 
+def test_a_failure_is_never_shown_as_another_owners_job_of_the_same_id(store):
+    """An id may be used again once its job's result is gone (ids can be the client's own):
+    the old failure must not be listed under the new job's owner."""
+    store.submit([owned("x", "key-a")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("x", 0, reason="a's job broke")], "w1")
+    store.maintain(time.time() + 7200, 3600, 60)  # its result expires ...
+    store.submit([owned("x", "key-b")])  # ... and another key uses the id
+    listed = [f for f in store.recent_failures(10) if f.unique_id == "x"]  # SQLite forgot it with its job;
+    assert all(f.owner != "key-b" for f in listed)  # Redis keeps the entry, but not under key-b
+
+
 def test_the_outbox_counts_pending_delivered_and_given_up_webhooks_once(store):
     store.submit([job(name, webhook="http://127.0.0.1:1/hook") for name in ("a", "b", "c")])
     store.claim(0, 8, "w1", 30)

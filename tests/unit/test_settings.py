@@ -25,7 +25,12 @@ def test_spin_and_proxy_names_as_users_write_them(tmp_path):
     s = load_settings(tmp_path, environ={"SPIN_US": "0", "FORWARDED_ALLOW_IPS": "10.0.0.5"})
     assert (s.spin_us, s.spin_seconds, s.forwarded_allow_ips) == (0.0, 0.0, "10.0.0.5")
     assert load_settings(tmp_path, environ={}).trusted_proxies == "127.0.0.1,::1"
-    assert load_settings(tmp_path, {"forwarded_allow_ips": "none"}, environ={}).trusted_proxies is None
+    for given, trusted in (("none", None), ("*", "*"), ("10.0.0.5,10.0.0.6", "10.0.0.5,10.0.0.6")):
+        parent = load_settings(tmp_path, {"forwarded_allow_ips": given}, environ={})
+        child = load_settings(tmp_path, environ=parent.to_env())  # as the API server processes read it
+        assert parent.trusted_proxies == child.trusted_proxies == trusted
+    with pytest.raises(SettingsError, match="forwarded-allow-ips"):
+        load_settings(tmp_path, {"forwarded_allow_ips": " "}, environ={})
 
 
 def test_flag_beats_new_name_beats_original_name(tmp_path):
