@@ -33,6 +33,7 @@ import httpx
 import orjson
 
 from fastdeploy import __version__
+from fastdeploy.payloads import MAX_UPLOAD_FILES, UPLOAD_MARKER
 
 FileLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 Inputs = Union[Sequence[Any], Mapping[str, FileLike]]
@@ -98,21 +99,17 @@ _Body = Union[bytes, _Files]
 _JSON = {"content-type": "application/json"}
 
 
-_MULTIPART_MAX_FILES = 1000  # the server takes at most this many files in one multipart request
-_UPLOAD_MARKER = ".fastdeploy-upload"  # a file name the server keeps for itself in multipart uploads
-
-
 def _multipart_safe(name: str) -> bool:
     """Whether a file name survives a multipart header unchanged: printable ASCII without ``"``
     or ``\\`` (httpx escapes those and the server's parser keeps the escapes), and one the
     server takes there as it does in JSON."""
     return (name.isascii() and name.isprintable() and '"' not in name and "\\" not in name
-            and name.rsplit("/", 1)[-1] not in ("", _UPLOAD_MARKER))
+            and name.rsplit("/", 1)[-1] not in ("", UPLOAD_MARKER))
 
 
 def _as_multipart(files: Mapping[str, FileLike]) -> bool:
     """Whether files can go as multipart with the same meaning as in JSON (else: base64 JSON)."""
-    return 0 < len(files) <= _MULTIPART_MAX_FILES and all(_multipart_safe(str(name)) for name in files)
+    return 0 < len(files) <= MAX_UPLOAD_FILES and all(_multipart_safe(str(name)) for name in files)
 
 
 def _file_bytes(value: FileLike) -> bytes:

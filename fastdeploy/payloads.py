@@ -85,6 +85,11 @@ def _shown(name: str, most: int = 60) -> str:
     return repr(name) if len(name) <= most else repr(name[:most]) + f"... ({len(name)} characters)"
 
 
+# multipart uploads (``fastdeploy.uploads``), here so that the client can follow them too
+UPLOAD_MARKER = ".fastdeploy-upload"  # in every upload's folder: the sweep deletes no folder without it
+MAX_UPLOAD_FILES = 1000  # files in one request where MAX_PER_CLIENT_BATCH sets no bound (each is a file on disk)
+
+
 def safe_file_name(key: str) -> str:
     """The base name a file is stored under: path parts (/ and \\) stripped; refused (400) when no
     file system could store it, so the client hears it at submit, not as a failed job."""

@@ -34,7 +34,7 @@ from python_multipart.multipart import MultipartParseError, MultipartParser, par
 
 from fastdeploy.errors import BadRequest, FastDeployError, JobExists, PayloadTooLarge, Unavailable
 from fastdeploy.jobs import new_job_id
-from fastdeploy.payloads import ParsedRequest, form_options, safe_file_name
+from fastdeploy.payloads import MAX_UPLOAD_FILES, UPLOAD_MARKER, ParsedRequest, form_options, safe_file_name
 from fastdeploy.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 OPTION_FIELDS = ("webhook", "priority", "unique_id")  # parts read as options; every other part is a file
 MAX_FIELD_BYTES = 4096  # an option's value (a webhook URL is at most 2048 characters)
 INCOMING = ".incoming"  # under the files root; job folders never start with "."
-MARKER = ".fastdeploy-upload"  # in every upload's folder: the sweep deletes no folder without it
+MARKER = UPLOAD_MARKER
 SWEEP_GRACE_SECONDS = 60.0  # a job folder younger than this may belong to a submit in progress
 ABANDONED_SECONDS = 3600.0  # an incoming upload that wrote nothing for this long was left by a dead server
-MAX_FILES = 1000  # files in one request where MAX_PER_CLIENT_BATCH sets no bound (each is a file on disk)
+MAX_FILES = MAX_UPLOAD_FILES
 IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is answered 408 and its files deleted
 _IDLE_STEP = 0.25  # the idle deadline is pushed back once per this share of it, not on every chunk
 _UPLOAD_KEY = "upload"  # an input {"upload": <folder>}: the file is in that job folder, not in the payload

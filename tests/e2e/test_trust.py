@@ -3,10 +3,14 @@ clients, a per-key queue bound, cancellation; on both stores where the store is 
 
 from __future__ import annotations
 
+import http.client
+import json
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -142,10 +146,6 @@ def test_a_crowding_key_does_not_delay_another_keys_next_job(store_args):
 
 def _post_from(address: str, url: str, path: str, body: dict) -> dict:
     """POST from a given local address (127.0.0.x): without keys, a client's lane is its address."""
-    import http.client
-    import json
-    from urllib.parse import urlsplit
-
     where = urlsplit(url)
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30, source_address=(address, 0))
     try:
@@ -156,8 +156,6 @@ def _post_from(address: str, url: str, path: str, body: dict) -> dict:
 
 
 def test_without_keys_client_addresses_take_turns(store_args):
-    import socket
-
     try:  # all of 127/8 is loopback on Linux; not everywhere
         with socket.socket() as probe:
             probe.bind(("127.0.0.2", 0))
