@@ -171,7 +171,7 @@ def run_one(workload: str, setup: str, redis_url: str, args: argparse.Namespace)
     try:
         if shape["broker"]:
             for i in range(shape["workers"]):
-                procs.start(f"worker{i}", ["worker", spec["recipe"], *where], env)
+                procs.start(f"worker{i}", ["worker", spec["recipe"]], env)  # workers serve no HTTP: no --port
             procs.start("api", ["serve", spec["recipe"], *where], env)
         else:
             procs.start("run", ["run", spec["recipe"], *where, *shape["args"]], env)

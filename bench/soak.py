@@ -14,8 +14,10 @@ chunks of --interval seconds (so throughput over time is recorded too).
 Verdict per role: the mean RSS of the last minute under load against the mean
 of the first minute after warm-up (--warmup seconds, default 30); a role "grew"
 when the difference exceeds --tolerance-mb (default 2 MB) and --tolerance-pct
-(default 2 %).  The embedded store's folder size on disk is recorded too (results
-stay readable for --result-ttl, one hour by default, so it grows by design).
+(default 2 %).  The embedded store's folder size on disk is recorded too, its
+database file and WAL apart, and after the load the jobs it keeps and the database
+bytes per job: W1's answers are /sync ones, kept --sync-result-ttl (20 s by default),
+so the folder levels off once that long has passed.
 Then ours is stopped by SIGTERM to the supervisor and the time that took is
 recorded.  Writes bench/results/soak.json.
 """
@@ -26,6 +28,7 @@ import os
 import platform
 import runpy
 import shutil
+import sqlite3
 import sys
 import threading
 import time
@@ -65,6 +68,43 @@ def dir_mb(path):
             except OSError:
                 pass
     return round(total / 2**20, 1)
+
+
+def store_files_mb(state_dir):
+    """The embedded store's database file and its WAL, in MB (0 when absent)."""
+    sizes = []
+    for name in ("jobs.sqlite3", "jobs.sqlite3-wal"):
+        try:
+            sizes.append(round(os.path.getsize(os.path.join(state_dir, name)) / 2**20, 1))
+        except OSError:
+            sizes.append(0.0)
+    return sizes
+
+
+def jobs_kept(state_dir):
+    """Jobs the embedded store holds now (read-only), or None when it cannot be read."""
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % os.path.join(state_dir, "jobs.sqlite3"), uri=True, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+
+
+def store_summary(samples, last, db_after, wal_after, kept):
+    """The state folder under load and after it: peak, last window, and the database's bytes per job kept
+    over the last window (after the load, expiry goes on and leaves free pages in the file for reuse)."""
+    counted = [s for s in last if s.get("jobs")]
+    jobs = mean([s["jobs"] for s in counted]) if counted else 0
+    per_job = round(mean([s["db_mb"] for s in counted]) * 2**20 / jobs) if jobs else None
+    return {"peak_mb": max([s["store_mb"] for s in samples] or [0.0]),
+            "last_window_mean_mb": round(mean([s["store_mb"] for s in last]), 1),
+            "last_window_db_mean_mb": round(mean([s.get("db_mb", 0.0) for s in last]), 1),
+            "last_window_jobs_mean": round(jobs) if jobs else None,
+            "after": {"db_mb": db_after, "wal_mb": wal_after, "jobs_kept": kept},
+            "db_bytes_per_job": per_job}
 
 
 def mean(xs):
@@ -159,7 +199,9 @@ def main(argv=None):
                 raise RuntimeError("ours died under load\n%s" % srv.log_tail())
             mb, _ = role_rss(srv)
             t = round(time.time() - t0, 1)
-            samples.append({"t": t, "rss_mb": mb, "store_mb": dir_mb(state_dir)})
+            db_mb, wal_mb = store_files_mb(state_dir)
+            samples.append({"t": t, "rss_mb": mb, "store_mb": dir_mb(state_dir), "db_mb": db_mb, "wal_mb": wal_mb,
+                            "jobs": jobs_kept(state_dir)})
             done = load.chunks[-1] if load.chunks else None
             log("t=%5.0fs  %s%s" % (t, "  ".join("%s %.1f MB" % kv for kv in sorted(mb.items())),
                                     "  | last chunk %.0f req/s p99 %.1f ms errors %d" % (
@@ -177,6 +219,8 @@ def main(argv=None):
             time.sleep(1.0)
         log("idle after: %s" % mb)
         disk_after = dir_mb(state_dir)
+        db_after, wal_after = store_files_mb(state_dir)
+        kept = jobs_kept(state_dir)
     finally:
         stop = srv.stop()
         if stop:
@@ -222,6 +266,11 @@ def main(argv=None):
           "on disk; stop %.2fs" % (total_requests, total_errors, mean([c["rps"] for c in chunks]),
                                    min(rps or [0]), max(rps or [0]), disk_before, disk_after,
                                    stop["stop_s"] if stop else float("nan")))
+    store = store_summary(samples, last, db_after, wal_after, kept)
+    print("store: after the load %.1f MB on disk (database %.1f MB, WAL %.1f MB, %s jobs kept); under load at most "
+          "%.1f MB, the last %.0f s %.1f MB on average (database %.1f MB for %s jobs: %s bytes per job)" % (
+              disk_after, db_after, wal_after, kept, store["peak_mb"], window, store["last_window_mean_mb"],
+              store["last_window_db_mean_mb"], store["last_window_jobs_mean"], store["db_bytes_per_job"]))
     print("verdict: %s (last %.0f s under load vs the first %.0f s after %.0f s of warm-up; tolerance %.1f MB "
           "and %.1f%%)" % (verdict, window, window, a.warmup, a.tolerance_mb, a.tolerance_pct))
 
@@ -235,7 +284,7 @@ def main(argv=None):
         "verdict": verdict, "roles": report,
         "load": {"requests": total_requests, "errors": total_errors, "chunk_rps": rps,
                  "chunk_p99_ms": [round(c["p99_ms"], 2) for c in chunks]},
-        "store_dir_mb": {"before": disk_before, "after": disk_after},
+        "store_dir_mb": {"before": disk_before, "after": disk_after}, "store": store,
         "idle_before": idle_before, "idle_after": idle_after, "samples": samples, "stop": stop,
     }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

@@ -1,18 +1,23 @@
-"""Whether one more job may come in: the queue bound and the per-client bound.
+"""Whether one more job may come in: the queue bound, and a fast refusal at the per-client bound.
 
 The store's counts arrive in snapshots (every half second); between two, an API server
 adds what it accepted itself. A job is counted the moment it is admitted, before its
 write is awaited, so a burst of requests in one event-loop turn cannot all pass a bound
 that only the first should have passed. Counts of other API servers arrive with the next
-snapshot: with several API servers a bound may be passed by what the others accepted in
-that half second.
+snapshot: with several API servers the queue bound may be passed by what the others
+accepted in that half second.
+
+The per-client bound is exact all the same: the store checks it again in the write that
+queues a job (``Store.submit``'s ``owner_limit``), across every API server. The check here
+only spares that write, and the reading of a long upload, when this server already knows
+the answer is no.
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
-from fastdeploy.errors import TooManyRequests, Unavailable
+from fastdeploy.errors import TooManyRequests, Unavailable, owner_limit_reason
 
 
 class Admission:
@@ -49,10 +54,7 @@ class Admission:
                 retry_after=2.0,
             )
         if self.per_owner_limit and self.of(owner) >= self.per_owner_limit:
-            raise TooManyRequests(
-                f"you have {self.of(owner)} unfinished jobs, the most one client may have "
-                f"(QUEUE_LIMIT_PER_KEY={self.per_owner_limit}); wait for some to finish, then retry"
-            )
+            raise TooManyRequests(owner_limit_reason(self.of(owner), self.per_owner_limit))
 
     def written(self, owner: str, ok: bool) -> None:
         """An admitted job's write ended: it stays counted if it was written, else it is let go."""

@@ -82,7 +82,8 @@ def result_parts(
     else:
         head["success"] = None
     if webhook is not None:  # after success and reason: the order /result has always had, extended
-        head["webhook"] = {"status": webhook.status, "attempts": webhook.attempts, "last_error": webhook.last_error}
+        head["webhook"] = {"status": webhook.status, "attempts": webhook.attempts,
+                           "last_attempt_at": webhook.last_attempt_at}
     return _with_prediction(head, result) if status is JobStatus.DONE else orjson.dumps(head)
 
 
@@ -91,9 +92,14 @@ def cancelled(unique_id: str, status: str) -> bytes:
     return orjson.dumps({"success": True, "unique_id": unique_id, "status": status})
 
 
-def not_found(unique_id: str) -> bytes:
-    """/result for an id nobody knows (or whose result expired)."""
-    reason = f"unique_id {unique_id!r} is unknown or its result has expired"
+def not_found(unique_id: str, result_ttl: float, waited_ttl: float) -> bytes:
+    """/result for an id nobody knows, or whose result expired: how long results are kept, so that a
+    client who reads a /sync result a minute later learns why it is gone (its job's kind is gone too)."""
+    kept = f"results are kept {result_ttl:g} s after their job ends"
+    if waited_ttl < result_ttl:
+        kept = (f"results of /sync requests (whose caller had the answer) are kept only {waited_ttl:g} s after "
+                f"they end, others {result_ttl:g} s")
+    reason = f"unique_id {unique_id!r} is unknown or its result has expired: {kept}"
     return orjson.dumps({"unique_id": unique_id, "status": "not_found", "success": False, "reason": reason})
 
 

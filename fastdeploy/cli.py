@@ -53,10 +53,18 @@ class _Parser(argparse.ArgumentParser):
         super().error(message + _suggestion(message, self))
 
 
+# flags that were removed, and what to do instead (the nearest name could point the opposite way)
+_REMOVED = {"--webhook-deny-private": "webhooks to loopback and private addresses are refused by default now; "
+                                      "drop the flag (--webhook-allow-private is what allows them)"}
+
+
 def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
     """``; did you mean --batch-size?`` for an unrecognized option or an invalid command ("" without one)."""
     if message.startswith("unrecognized arguments:"):
         words = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+        gone = [f"{word} is gone: {_REMOVED[word]}" for word in words if word in _REMOVED]
+        if gone:
+            return "; " + "; ".join(gone)
         candidates = [flag for flag in parser._option_string_actions if flag.startswith("--")]
     elif (wrong := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)) is not None:
         words, candidates = [wrong.group(1)], re.findall(r"'([^']*)'", wrong.group(2))
@@ -72,11 +80,14 @@ def _default_text(option: Option) -> str:
     return str(option.default) if option.default != "" else "none"
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
-    """The recipe and every setting, in their ``--help`` sections, each with its default and variables."""
+def _add_settings(parser: argparse.ArgumentParser, command: Optional[str] = None) -> None:
+    """The recipe and the settings ``command`` takes (all of them: None), in their ``--help`` sections,
+    each with its default and variables."""
     parser.add_argument("recipe", help="recipe folder (predictor.py and example.py)")
     sections = {group: parser.add_argument_group(group) for group in GROUPS}
     for option in OPTIONS:
+        if command is not None and command not in option.commands:
+            continue  # refused with the reason (_misplaced), and left out of its --help
         names = ", ".join((option.env, *option.legacy_env))
         text = f"{option.help} (default: {_default_text(option)}; env {names})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": text}
@@ -99,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text, epilog=_EXAMPLES.get(name),
                                   usage=f"fastdeploy {name} RECIPE [options]",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_settings(sub)
+        _add_settings(sub, name)
         if name == "worker":
             sub.add_argument("--stage", type=int, action="append", help="serve only this stage (repeatable)")
     from fastdeploy import container  # `build` takes its own few options, not the settings
@@ -135,8 +146,30 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra:
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        commands.choices[args.command].error(_misplaced(args.command, extra) or
+                                             f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+# why a command does nothing with the settings it does not take (their flags are refused, their
+# environment variables ignored: one env file may serve every command)
+_WHY_NOT = {"worker": "workers serve no HTTP", "serve": "API servers run no predictor"}
+
+
+def _misplaced(command: str, extra: Sequence[str]) -> str:
+    """Why the first setting's flag in ``extra`` does nothing for ``command``; "" when none is a setting's."""
+    by_flag = {flag: option for option in OPTIONS for flag in (option.flag, *option.alias_flags)}
+    for word in extra:
+        flag = word.split("=", 1)[0]
+        option = by_flag.get(flag)
+        if option is None or command in option.commands:
+            continue
+        if command == "build":
+            return (f"{flag} does nothing for `fastdeploy build`: the image reads its settings from its "
+                    f"environment when it runs (docker run -e {option.env}=...)")
+        target = next((c for c in option.commands if c != "run"), "run")
+        return f"{flag} does nothing for `fastdeploy {command}`: {_WHY_NOT[command]}; give it to `fastdeploy {target}`"
+    return ""
 
 
 def _role(args: argparse.Namespace) -> str:
@@ -160,14 +193,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     if args.command == "build":
         return _build(args)
-    flags = {o.name: getattr(args, o.name) for o in OPTIONS}
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}  # those this command takes
     settings: Optional[Settings] = None
     try:
         settings = load_settings(args.recipe, flags)
         logs.configure(settings.log_level, settings.log_format, _role(args))
         if not args.command.startswith("_"):
             for name in ("store_secret", "api_keys", "webhook_secret"):
-                if getattr(args, name) is not None:
+                if getattr(args, name, None) is not None:
                     log.warning("--%s on a command line is visible to other users of this host (ps); prefer "
                                 "FASTDEPLOY_%s", name.replace("_", "-"), name.upper())
         return _dispatch(args, settings)

@@ -74,6 +74,22 @@ class TooManyRequests(FastDeployError):
         super().__init__(reason, retry_after=retry_after)
 
 
+def owner_limit_reason(count: int, limit: int) -> str:
+    """What a client over the per-key bound is told, wherever the bound was checked."""
+    return (f"you have {count} unfinished jobs, the most one client may have (QUEUE_LIMIT_PER_KEY={limit}); "
+            "wait for some to finish, then retry")
+
+
+class OwnerLimitReached(TooManyRequests):
+    """The store refused jobs (``ids``) whose owner already had ``limit`` unfinished jobs: the per-key
+    bound, checked in the same atomic write that would have queued them, so it holds across API servers."""
+
+    def __init__(self, ids: Sequence[str], limit: int) -> None:
+        super().__init__(owner_limit_reason(limit, limit))
+        self.ids = tuple(ids)
+        self.limit = limit
+
+
 class Unavailable(FastDeployError):
     """Not ready, queue full or store unreachable: the client should retry later."""
 

@@ -15,6 +15,7 @@ import os
 from typing import Mapping, Optional, Sequence
 
 from fastdeploy.errors import SettingsError
+from fastdeploy.settings import OPTIONS
 
 COMMANDS = ("run", "serve", "worker", "build", "_api", "_loop")
 LEGACY_FLAGS = ("--recipe", "--rest", "--loop", "--build", "--config")
@@ -54,14 +55,17 @@ def translate(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) 
         raise SettingsError(f"say what to start (3.x: --rest or --loop); this version's command is "
                             f"`fastdeploy run {recipe}` (API server and prediction loop together)")
     command = "run" if known.rest and known.loop else "serve" if known.rest else "worker"
-    new = [command, recipe, *_config_flags(known.config, os.environ if environ is None else environ), *rest]
+    new = [command, recipe, *_config_flags(known.config, os.environ if environ is None else environ, command), *rest]
     note = (f"`{' '.join(argv)}` is the fastDeploy 3.x command line; running `fastdeploy {' '.join(new)}`"
             + (" (API and loop in one command: `fastdeploy run`)" if command != "run" else ""))
     return new, note
 
 
-def _config_flags(config: Optional[str], environ: Mapping[str, str]) -> list[str]:
-    """3.x ``--config "k=v, ..."`` as flags; as in 3.x, an environment variable named like a key wins."""
+def _config_flags(config: Optional[str], environ: Mapping[str, str], command: str) -> list[str]:
+    """3.x ``--config "k=v, ..."`` as flags; as in 3.x, an environment variable named like a key wins.
+    3.x gave one config to --rest and --loop alike: a key that does nothing for ``command`` (port for a
+    worker, the batch size for API servers) is left out, where its flag would be refused."""
+    applies = {flag for option in OPTIONS if command in option.commands for flag in (option.flag, *option.alias_flags)}
     flags: list[str] = []
     for item in (config or "").split(","):
         key, _, value = item.partition("=")
@@ -71,5 +75,6 @@ def _config_flags(config: Optional[str], environ: Mapping[str, str]) -> list[str
         if key not in CONFIG_FLAGS:
             raise SettingsError(f"--config key {key!r} has no counterpart; "
                                 "see `fastdeploy run --help` for the settings")
-        flags += [CONFIG_FLAGS[key], value]
+        if CONFIG_FLAGS[key] in applies:
+            flags += [CONFIG_FLAGS[key], value]
     return flags

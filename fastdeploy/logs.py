@@ -39,9 +39,14 @@ def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
         if name == _HEADER:
             rid = value.decode("ascii") if _SANE_REQUEST_ID.fullmatch(value) else ""
             break
-    rid = rid or os.urandom(16).hex()  # 128 random bits, as a uuid4's hex but a fifth of its cost
+    rid = rid or new_request_id()
     REQUEST_ID.set(rid)
     return rid
+
+
+def new_request_id() -> str:
+    """128 random bits in hex, as a uuid4's hex but a fifth of its cost."""
+    return os.urandom(16).hex()
 
 
 def about_job(unique_id: str) -> dict[str, str]:
@@ -119,3 +124,6 @@ def configure(level: str, fmt: str, role: str) -> None:
         logger.handlers.clear()
         logger.propagate = True
         logger.setLevel(uvicorn_level)
+    # httpx logs each request at info with its whole URL, and a webhook's query may carry the
+    # receiver's token: the webhook sender logs its own lines (scheme://host:port/path, the job's id)
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))

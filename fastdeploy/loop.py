@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from fastdeploy import batching, logs, uploads
+from fastdeploy import batching, logs, progress, store_secret, uploads
 from fastdeploy.errors import FastDeployError
 from fastdeploy.jobs import (
     BATCH_BUCKETS,
+    Binding,
     ClaimedJob,
     Outcome,
     UntrustedPayload,
@@ -33,13 +34,13 @@ from fastdeploy.jobs import (
     decode_payload,
     encode_prediction,
     encode_stage_outputs,
+    is_job_id,
 )
 from fastdeploy.predicting import RequestResult, check_outputs, describe, predict_requests, user_exc_info
 from fastdeploy.recipe import Recipe, load_predictor, run_user_code
 from fastdeploy.scratch import Scratch
 from fastdeploy.settings import Settings
 from fastdeploy.store.base import Store
-from fastdeploy.store_secret import for_loop as store_secret_for
 from fastdeploy.store.doorbell import Doorbell
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,11 @@ IDLE_POLL_SECONDS = 0.25  # fallback poll when no ring arrives
 ARRIVAL_GAP_SECONDS = 0.002  # a fuller batch is waited for only while requests keep arriving
 MIN_FILL_WAIT_SECONDS = 0.0005  # shorter fill waits are skipped
 RHYTHM_SECONDS = 0.05  # work arriving this soon after a batch counts as load, not a lone request
+# why a start-up stops when the example's outputs cannot travel the way a request's would
+_NOT_JSON = ("its output cannot be encoded as JSON, the form of every answer (return str, int, float, bool, None, "
+             "lists, dicts or numpy arrays)")
+_NOT_PICKLED = ("its output cannot be pickled for the next stage (return what pickle can copy: no generators, "
+                "lambdas, locks or open files)")
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -176,18 +182,24 @@ class PredictionLoop:
         name = f"the predictor of stage {self.stage} ({self.recipe.stage_files[self.stage].name})"
         log.info("importing %s", name)
         importing = time.perf_counter()
-        self._predictor = run_user_code(
-            self.recipe.path, f"{name} could not be imported", lambda: load_predictor(self.recipe, self.stage)
-        )
+        with progress.reported(f"importing {name}", log):  # a slow import is not a silent one
+            self._predictor = run_user_code(
+                self.recipe.path, f"{name} could not be imported", lambda: load_predictor(self.recipe, self.stage)
+            )
         log.info("imported the predictor in %.2f s", time.perf_counter() - importing)
         _limit_torch_threads(threads)
-        run_user_code(self.recipe.path, f"{name} failed on example.py at start-up", self._warm_up)
+        with progress.reported(f"warming up stage {self.stage} and measuring its batch size", log):
+            run_user_code(self.recipe.path, f"{name} failed on example.py at start-up", self._warm_up)
 
     def _warm_up(self) -> None:
-        """Call the predictor on the example, then measure the batch size."""
+        """Call the predictor on every input of the example (the first call small: a cold model is slow),
+        each output encoded as a request's would be, then measure the batch size."""
         example = self._example_inputs()
         log.info("warming up on the example (%d input(s))", len(example))
-        self._call(example[: max(1, min(len(example), self.batch_size))])  # warm-up
+        first = max(1, min(len(example), self.batch_size))
+        most = self.settings.batch_size or self.settings.max_batch_size  # never more than the loop hands it
+        for chunk in [example[:first]] + [example[i : i + most] for i in range(first, len(example), most)]:
+            self._call(chunk, encode=True)
         if self.settings.batch_size:
             self.batch_size = self.settings.batch_size
             self.seconds_per_item = self._measure(example, self.batch_size) / self.batch_size
@@ -226,9 +238,18 @@ class PredictionLoop:
         assert self._predictor is not None
         return self._predictor(inputs, batch_size=len(inputs))
 
-    def _call(self, inputs: Sequence[Any]) -> list[Any]:
-        """One checked predictor call (warm-up and measurement: errors end the start-up)."""
-        return check_outputs(self._predict(list(inputs)), len(inputs))
+    def _call(self, inputs: Sequence[Any], encode: bool = False) -> list[Any]:
+        """One checked predictor call (warm-up and measurement: errors end the start-up). ``encode``: its
+        outputs encoded as the loop encodes a request's, so outputs that no answer (JSON) or next stage
+        (pickle) can carry stop the start-up instead of failing every request with 500."""
+        outputs = check_outputs(self._predict(list(inputs)), len(inputs))
+        if encode and self._is_last:
+            run_user_code(self.recipe.path, _NOT_JSON, lambda: encode_prediction(outputs, None))
+        elif encode:  # pickled and signed as at request time; a key of its own: the payload is never stored
+            binding = Binding("warm-up", self.stage + 1, "", len(outputs))
+            run_user_code(self.recipe.path, _NOT_PICKLED,
+                          lambda: encode_stage_outputs(outputs, None, b"warm-up", binding))
+        return outputs
 
     # -- heartbeat ------------------------------------------------------------
     def _info(self) -> WorkerInfo:
@@ -347,10 +368,14 @@ class PredictionLoop:
     ) -> tuple[list[Any], Optional[list[str]], Optional[str]]:
         """A job's inputs for the predictor (its files written to scratch), its file keys, and
         why it cannot be predicted (a corrupt payload fails its own job only)."""
+        if not is_job_id(job.id):  # not written by fastDeploy: it must not become a path or a log field
+            log.warning("failed a claimed job whose id is not a job id, unread (something else writes into the store)")
+            return [], None, "the job's id is not a valid job id; it was not predicted"
         try:
-            # only a later stage checks a signature: a one-stage service never needs (nor writes) the secret file
-            secret = self._stage_secret() if self.stage else ""
-            inputs, keys = decode_payload(job.take_payload(), secret, self.stage)
+            # a later stage checks the stage secret (a one-stage service never needs, nor writes, its file);
+            # stage 0 checks the job record's signature where API servers sign them (a broker with a secret)
+            secret = self._stage_secret() if self.stage else store_secret.for_jobs(self.settings)
+            inputs, keys = decode_payload(job.take_payload(), secret, job.binding())
             if self._file_stage and uploads.is_uploaded(inputs):  # streamed to disk by the API: no copy
                 inputs = uploads.paths_for(self._files_root, job.id, inputs)
                 self._uploaded.add(job.id)
@@ -367,7 +392,7 @@ class PredictionLoop:
 
     def _stage_secret(self) -> str:
         if self._secret is None:
-            self._secret = store_secret_for(self.settings)
+            self._secret = store_secret.for_loop(self.settings)
         return self._secret
 
     def _without_paths(self, reason: str) -> str:
@@ -402,9 +427,9 @@ class PredictionLoop:
         delay = 0.5
         while True:
             try:
-                self.store.finish(outcomes, self.worker_id)
+                free = self.store.finish(outcomes, self.worker_id)
                 if self._uploaded:
-                    self._delete_uploads(outcomes)
+                    self._delete_uploads(outcomes, set(free))
                 return
             except FastDeployError as exc:
                 if self._stop.is_set():
@@ -415,11 +440,13 @@ class PredictionLoop:
             self._stop.wait(delay)
             delay = min(2 * delay, 2.0)  # once the store is back (space freed), outcomes follow within 2 s
 
-    def _delete_uploads(self, outcomes: Sequence[Outcome]) -> None:
-        """A recorded job's uploaded files go now (kept until then: a job predicted again needs them)."""
+    def _delete_uploads(self, outcomes: Sequence[Outcome], free: set[str]) -> None:
+        """A recorded job's uploaded files go now (kept until then: a job predicted again needs them),
+        unless another loop claimed the job again after this one's lease ran out: it reads them now,
+        and deletes them when it records (the sweep, should it die first)."""
         ended = [o.id for o in outcomes if o.id in self._uploaded]
         self._uploaded.difference_update(ended)
-        uploads.delete(self._files_root, ended)
+        uploads.delete(self._files_root, [job_id for job_id in ended if job_id in free])
 
     def _outcome(
         self, job: ClaimedJob, result: RequestResult, keys: Optional[list[str]], failure: Optional[str]
@@ -431,7 +458,8 @@ class PredictionLoop:
         try:
             if self._is_last:
                 return Outcome(job.id, self.stage, result=encode_prediction(outputs, keys))
-            payload = encode_stage_outputs(outputs, keys, self._stage_secret())
+            binding = Binding(job.id, self.stage + 1, job.owner, len(outputs))
+            payload = encode_stage_outputs(outputs, keys, self._stage_secret(), binding)
             return Outcome(job.id, self.stage, payload=payload, n_items=len(outputs))
         except Exception as exc:  # unencodable user output fails this job only
             what = "as JSON" if self._is_last else "for the next stage"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import binascii
+import difflib
 import ipaddress
+import math
 import re
 import socket
 import unicodedata
 from dataclasses import dataclass
 from itertools import chain, compress
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 import orjson
@@ -35,6 +37,15 @@ class ParsedRequest:
     priority: int
     webhook: Optional[str]
     unique_id: Optional[str] = None  # the client's own job id; None: the server makes one
+    timeout: Optional[float] = None  # the client's own deadline in seconds; None: none (TIMEOUT bounds /sync)
+
+
+# the top-level keys a /sync or /async body may have (SPEC.md), and those of /result and /cancel: any
+# other is refused, since a misspelt option ("webhok") would otherwise be dropped without a word
+REQUEST_FIELDS = ("data", "priority", "webhook", "unique_id", "timeout")
+ID_FIELDS = ("unique_id",)
+FORM_OPTIONS = ("priority", "webhook", "unique_id", "timeout")  # multipart text parts read as options
+FORM_NEAR_CUTOFF = 0.8  # how alike a text part's name must be to an option's to be taken for a misspelling
 
 
 Body = Union[bytes, bytearray]  # a request body: as it came in one piece, or gathered from many
@@ -83,6 +94,30 @@ def _members(level: list[Any]) -> Iterator[Any]:
 def _shown(name: str, most: int = 60) -> str:
     """A client's name, shortened for a reason: what it starts with is enough to find it."""
     return repr(name) if len(name) <= most else repr(name[:most]) + f"... ({len(name)} characters)"
+
+
+def check_fields(document: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+    """Refuse (400) a key the server would not read, naming it and the nearest known one."""
+    unknown = next((key for key in document if key not in known), None)
+    if unknown is not None:
+        raise BadRequest(unknown_field_reason(unknown, known, where))
+
+
+def unknown_field_reason(name: str, known: Sequence[str], where: str, cutoff: float = 0.6) -> str:
+    """Why a field is refused: its name, the known name it most resembles (if any), and every known name."""
+    near = difflib.get_close_matches(name.lower(), known, n=1, cutoff=cutoff)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown field {_shown(name)} in {where}{hint} (the fields are {', '.join(known)})"
+
+
+def check_form_field(name: str) -> None:
+    """A multipart text part (no file name) is a file keyed by its name, unless that name is all
+    but an option's ("webhok", "Priority"): then the client meant the option, and hears it (400)."""
+    if name not in FORM_OPTIONS and difflib.get_close_matches(name.lower(), FORM_OPTIONS, n=1,
+                                                              cutoff=FORM_NEAR_CUTOFF):
+        reason = unknown_field_reason(name, FORM_OPTIONS, "the form", FORM_NEAR_CUTOFF)
+        raise BadRequest(f"{reason}; to send a file under that name, give the part a file name "
+                         f"(curl -F '{name[:40]}=@file')")
 
 
 # multipart uploads (``fastdeploy.uploads``), here so that the client can follow them too
@@ -199,12 +234,22 @@ def _always_forbidden(address: IPAddress) -> str:
     return ""
 
 
+def _private_kind(address: IPAddress) -> str:
+    """The kind of a loopback or private address, refused unless the operator allows them, or "".
+    Site-local fec0::/10 counts: deprecated, yet Python 3.11 calls it global."""
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local"
+    if address.is_global:
+        return ""
+    return "loopback" if address.is_loopback else "private" if address.is_private else "non-public"
+
+
 def address_refusal(address: IPAddress, deny_private: bool) -> str:
     """Why a webhook may not connect to ``address`` (like "link-local address 169.254.169.254"), or ""."""
     plain = embedded_ipv4(address)
     kind = _always_forbidden(plain)
-    if not kind and deny_private and not plain.is_global:
-        kind = "loopback" if plain.is_loopback else "private" if plain.is_private else "non-public"
+    if not kind and deny_private:
+        kind = _private_kind(plain)
     shown = f"{address} ({plain})" if plain != address else str(address)
     return f"{kind} address {shown}" if kind else ""
 
@@ -273,22 +318,38 @@ def _webhook_host(url: str) -> str:
     return host
 
 
-def validate_webhook(url: Any, allowed_hosts: frozenset[str], deny_private: bool = False) -> str:
+PRIVATE_HINT = (
+    "loopback and private addresses are refused unless the server allows them: start it with "
+    "--webhook-allow-private (FASTDEPLOY_WEBHOOK_ALLOW_PRIVATE=true), or name the host in --webhook-hosts"
+)
+
+
+def listed_host(host: str, allowed_hosts: frozenset[str]) -> bool:
+    """Whether the operator named ``host`` in --webhook-hosts (an address in any of its spellings)."""
+    address = literal_address(host)
+    return host.lower() in allowed_hosts or (address is not None and str(address) in allowed_hosts)
+
+
+def private_allowed(host: str, allowed_hosts: frozenset[str], allow_private: bool) -> bool:
+    """Whether a webhook to ``host`` may reach loopback and private addresses: only where the operator
+    said so, for every host (--webhook-allow-private) or for this one (named in --webhook-hosts)."""
+    return allow_private or listed_host(host, allowed_hosts)
+
+
+def validate_webhook(url: Any, allowed_hosts: frozenset[str], allow_private: bool = False) -> str:
     """Refuse at submit what could never be delivered, or should not be: the client learns it now, with a 400."""
     host = _webhook_host(_check_url_text(url))
     address = literal_address(host)
     if address is None:
-        check_host_name(host)
-    else:
-        refusal = address_refusal(address, deny_private)
+        check_host_name(host)  # a name's addresses are checked when it is resolved, at send time
+    if allowed_hosts and not listed_host(host, allowed_hosts):
+        allowed = ", ".join(sorted(allowed_hosts))
+        raise BadRequest(f"webhook host {host!r} is not allowed here; allowed (--webhook-hosts): {allowed}")
+    if address is not None:
+        refusal = address_refusal(address, deny_private=not private_allowed(host, allowed_hosts, allow_private))
         if refusal:
-            why = " (--webhook-deny-private is set)" if not address_refusal(address, False) else ""
-            raise BadRequest(f"webhook may not target the {refusal}{why}")
-    if allowed_hosts and host.lower() not in allowed_hosts:
-        literal = str(address) if address is not None else host.lower()
-        if literal not in allowed_hosts:
-            allowed = ", ".join(sorted(allowed_hosts))
-            raise BadRequest(f"webhook host {host!r} is not allowed here; allowed (--webhook-hosts): {allowed}")
+            hint = f"; {PRIVATE_HINT}" if not address_refusal(address, deny_private=False) else ""
+            raise BadRequest(f"webhook may not target the {refusal}{hint}")
     return url
 
 
@@ -299,13 +360,14 @@ def parse_request(
     sync: bool,
     max_items: int,
     allowed_webhook_hosts: frozenset[str] = frozenset(),
-    deny_private_webhooks: bool = False,
+    allow_private_webhooks: bool = False,
 ) -> ParsedRequest:
     """Check a /sync or /async body against the recipe's mode and the limits."""
     document = parse_json_body(body)
     if "data" not in document:
         example = '{"data": {"a.png": "<base64>"}}' if file_mode else '{"data": [input1, input2]}'
         raise BadRequest(f"the request has no 'data' key; send {example}")
+    check_fields(document, REQUEST_FIELDS, "the request body")
     data = document["data"]
     if file_mode:
         if not isinstance(data, dict):
@@ -320,43 +382,77 @@ def parse_request(
         raise PayloadTooLarge(
             f"{len(data)} inputs in one request; at most {max_items} are allowed (MAX_PER_CLIENT_BATCH): split the request"
         )
-    webhook = _webhook(document.get("webhook"), sync, allowed_webhook_hosts, deny_private_webhooks)
+    webhook = _webhook(document.get("webhook"), sync, allowed_webhook_hosts, allow_private_webhooks)
     priority = _priority(document, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
     unique_id = check_unique_id(document.get("unique_id"))
+    timeout = check_timeout(document.get("timeout"))
     if file_mode:
         inputs, keys = _decode_files(data)
-        return ParsedRequest(inputs, keys, priority, webhook, unique_id)
-    return ParsedRequest(data, None, priority, webhook, unique_id)
+        return ParsedRequest(inputs, keys, priority, webhook, unique_id, timeout)
+    return ParsedRequest(data, None, priority, webhook, unique_id, timeout)
+
+
+def check_timeout(value: Any) -> Optional[float]:
+    """A request's own deadline in seconds (null: none): a positive, finite number; /sync waits at
+    most TIMEOUT whatever it asks."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        shown = repr(value)[:60] if isinstance(value, (str, int, float)) else type(value).__name__
+        raise BadRequest(f"timeout must be a positive number of seconds, got {shown}; leave it out for no deadline "
+                         "of your own")
+    return float(value)
+
+
+class FormOptions(NamedTuple):
+    """The options of a multipart request."""
+
+    priority: int
+    webhook: Optional[str]
+    unique_id: Optional[str]
+    timeout: Optional[float]
 
 
 def form_options(
     fields: dict[str, str], *, sync: bool, allowed_webhook_hosts: frozenset[str] = frozenset(),
-    deny_private_webhooks: bool = False,
-) -> tuple[int, Optional[str], Optional[str]]:
-    """Priority, webhook and unique_id of a multipart request, sent as form fields (text): checked as
-    in JSON, where an empty field counts as not sent."""
+    allow_private_webhooks: bool = False,
+) -> FormOptions:
+    """Priority, webhook, unique_id and timeout of a multipart request, sent as form fields (text):
+    checked as in JSON, where an empty field counts as not sent."""
     options: dict[str, Any] = {name: value for name, value in fields.items() if value != ""}
     priority_text = options.get("priority")
     if priority_text is not None:
         number = priority_text.strip()
         options["priority"] = int(number) if number.isdigit() and number.isascii() else priority_text
-    webhook = _webhook(options.get("webhook"), sync, allowed_webhook_hosts, deny_private_webhooks)
+    timeout = options.get("timeout")
+    webhook = _webhook(options.get("webhook"), sync, allowed_webhook_hosts, allow_private_webhooks)
     priority = _priority(options, DEFAULT_SYNC_PRIORITY if sync else DEFAULT_ASYNC_PRIORITY)
-    return priority, webhook, check_unique_id(options.get("unique_id"))
+    return FormOptions(priority, webhook, check_unique_id(options.get("unique_id")),
+                       check_timeout(_number(timeout) if timeout is not None else None))
 
 
-def _webhook(value: Any, sync: bool, allowed_hosts: frozenset[str], deny_private: bool) -> Optional[str]:
+_DECIMAL = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?\s*")
+
+
+def _number(text: str) -> Any:
+    """A form field's text as the JSON number it spells (like 2.5 or 1e3), else the text itself."""
+    return float(text) if _DECIMAL.fullmatch(text) and text.isascii() else text
+
+
+def _webhook(value: Any, sync: bool, allowed_hosts: frozenset[str], allow_private: bool) -> Optional[str]:
     """A request's webhook, checked; /sync takes none."""
     if value is None:
         return None
     if sync:
         raise BadRequest("webhook is for /async requests; /sync answers with the prediction itself")
-    return validate_webhook(value, allowed_hosts, deny_private)
+    return validate_webhook(value, allowed_hosts, allow_private)
 
 
 def parse_unique_id(body: Body) -> str:
+    """The id of a /result or /cancel body, which has no other key."""
     document = parse_json_body(body)
     unique_id = document.get("unique_id")
+    check_fields(document, ID_FIELDS, "the request body")
     if not isinstance(unique_id, str):
         raise BadRequest('send {"unique_id": "<id from /async or /sync>"}; unique_id must be a string')
     return unique_id

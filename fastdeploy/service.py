@@ -19,18 +19,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
-from fastdeploy import bodies, logs, uploads
+from fastdeploy import bodies, logs, store_secret, uploads
 from fastdeploy.admission import Admission
-from fastdeploy.errors import FastDeployError, JobExists, StoreUnavailable, Unavailable
+from fastdeploy.errors import FastDeployError, JobExists, OwnerLimitReached, StoreUnavailable, Unavailable
 from fastdeploy.jobs import (
     STARTUP_FAILURE,
+    JobState,
     JobStatus,
     JobView,
     NewJob,
     ResultNews,
+    Binding,
     WorkerInfo,
     encode_inputs,
     new_job_id,
+    sign_job,
 )
 from fastdeploy.payloads import ParsedRequest
 from fastdeploy.recipe import Recipe
@@ -75,16 +78,20 @@ class StoreBridge:
     the store thread, which takes everything that queued up meanwhile in one transaction.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, owner_limit: int = 0) -> None:
+        """``owner_limit``: the per-key bound (0: none), which the store checks in each write."""
         self.store = store
+        self.owner_limit = owner_limit
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._pending: list[tuple[NewJob, asyncio.Future[None]]] = []
+        self._pending: list[tuple[NewJob, asyncio.Future[None], Optional[str]]] = []  # job, waiter, request id
         self._turn_flush_scheduled = False
         self._thread_flush_scheduled = False
         self._lock = threading.Lock()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """``fn(*args)`` on the store thread, in the caller's context: its log lines name the request."""
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run, fn, *args)
 
     async def submit(self, job: NewJob, alone: bool = False) -> None:
         """Write ``job``; ``alone`` (no other request in flight) writes it right now when the
@@ -98,7 +105,7 @@ class StoreBridge:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            self._pending.append((job, future))
+            self._pending.append((job, future, logs.REQUEST_ID.get()))
         if not self._turn_flush_scheduled:
             self._turn_flush_scheduled = True
             # in a context of its own: its log lines are about a group of jobs, not this request's
@@ -112,8 +119,10 @@ class StoreBridge:
                 return  # the store thread will take these with its next write
             batch = self._pending
             self._pending = []
-        if self._submit_now([job for job, _ in batch]):
-            _settle([f for _, f in batch], None)
+        if len(batch) == 1:  # this call's context is its own: a lone job's lines name its request
+            _about(batch[0][0].id, batch[0][2])
+        if self._submit_now([job for job, _, _ in batch]):
+            _settle([f for _, f, _ in batch], None)
             return
         with self._lock:
             self._pending[:0] = batch
@@ -124,7 +133,7 @@ class StoreBridge:
         """Write on the event loop if the store needs no waiting; a failure here falls back
         to the store thread, which reports it."""
         try:
-            return self.store.submit(jobs, block=False)
+            return self.store.submit(jobs, block=False, owner_limit=self.owner_limit)
         except FastDeployError as exc:
             log.debug("immediate submit failed: %s", exc.reason)
             return False
@@ -135,13 +144,17 @@ class StoreBridge:
             self._thread_flush_scheduled = False
         if not batch:
             return
-        loop.call_soon_threadsafe(_settle_each, self._write_group(batch))
+        context = contextvars.Context()  # a group's lines are about it; a lone job's about its request
+        if len(batch) == 1:
+            context.run(_about, batch[0][0].id, batch[0][2])
+        loop.call_soon_threadsafe(_settle_each, context.run(self._write_group, [(j, f) for j, f, _ in batch]))
 
     def _write_group(
         self, batch: list[tuple[NewJob, asyncio.Future[None]]]
     ) -> list[tuple[asyncio.Future[None], Optional[BaseException]]]:
-        """Write a group in one go; a job whose client-chosen id is in use fails alone (409)
-        and the others are written without it, so one client's duplicate costs no one else."""
+        """Write a group in one go; a job whose client-chosen id is in use fails alone (409), as does
+        one past its owner's bound (429), and the others are written without it, so one client's
+        duplicate or flood costs no one else."""
         settled: list[tuple[asyncio.Future[None], Optional[BaseException]]] = []
         seen: set[str] = set()
         rest: list[tuple[NewJob, asyncio.Future[None]]] = []
@@ -153,10 +166,10 @@ class StoreBridge:
                 rest.append((job, future))
         while rest:
             try:
-                self.store.submit([job for job, _ in rest])
-            except JobExists as exc:
+                self.store.submit([job for job, _ in rest], owner_limit=self.owner_limit)
+            except (JobExists, OwnerLimitReached) as exc:
                 taken = set(exc.ids)
-                settled += [(f, JobExists([j.id])) for j, f in rest if j.id in taken]
+                settled += [(f, _alone(exc, j.id)) for j, f in rest if j.id in taken]
                 left = [(j, f) for j, f in rest if j.id not in taken]
                 if len(left) == len(rest):  # the store named none of these ids: fail them all
                     return settled + [(f, exc) for _, f in rest]
@@ -169,6 +182,29 @@ class StoreBridge:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _about(unique_id: str, request_id: Optional[str]) -> None:
+    logs.UNIQUE_ID.set(unique_id)
+    logs.REQUEST_ID.set(request_id)
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    """How a /sync wait ended, before any wire format: 200 and the result's JSON bytes, or a failure
+    status (499: the client left) and its reason."""
+
+    status: int
+    job_id: str
+    result: Optional[bytes] = None
+    reason: Optional[str] = None
+
+
+def _alone(refusal: JobExists | OwnerLimitReached, job_id: str) -> FastDeployError:
+    """The store's refusal of a group, as the refusal of one of its jobs."""
+    if isinstance(refusal, OwnerLimitReached):
+        return OwnerLimitReached([job_id], refusal.limit)
+    return JobExists([job_id])
 
 
 class ClientGone(Exception):
@@ -226,7 +262,10 @@ class Service:
         self.recipe = recipe
         self.store = store
         self.doorbell = doorbell
-        self.bridge = StoreBridge(store)
+        self.bridge = StoreBridge(store, settings.queue_limit_per_key)
+        # store maintenance runs beside the store thread: expiring old jobs takes milliseconds a slice, which
+        # would otherwise queue this process's request writes behind it (the store's lock is shared by slices)
+        self._upkeep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-upkeep")
         self._waiters: dict[str, asyncio.Future[JobView]] = {}
         self._poller: Optional[asyncio.Task[None]] = None
         self._reads: set[asyncio.Task[None]] = set()
@@ -236,6 +275,7 @@ class Service:
         self._store_error: Optional[str] = None
         self._failing: Optional[str] = None  # why a stage's loops keep failing to start (from the store)
         self._files_root = uploads.files_root(settings)
+        self._job_secret = store_secret.for_jobs(settings)
         self._sweeper: Optional[asyncio.Task[None]] = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -252,13 +292,16 @@ class Service:
         for task in (self._poller, self._sweeper, *self._reads):
             if task is not None:
                 task.cancel()
+        uploads.let_go(self._files_root)  # no upload is in progress any more: this process's incoming folder goes
         self.bridge.close()
+        self._upkeep.shutdown(wait=True)
 
     # -- snapshot of store state (readiness, meta, metrics, queue bound) -------
     async def refresh(self) -> None:
         """Re-read queue depths and live workers; run store maintenance."""
         self.admission.snapshot_starting()
         try:
+            await asyncio.get_running_loop().run_in_executor(self._upkeep, self._maintain)
             self._depths, self._workers, unfinished, by_owner = await self.bridge.call(self._read_snapshot)
             self.admission.snapshot(unfinished, by_owner)
             self._store_error = None
@@ -266,8 +309,11 @@ class Service:
         except FastDeployError as exc:
             self._store_error = exc.reason
 
+    def _maintain(self) -> None:
+        self.store.maintain(time.time(), self.settings.result_ttl, self.worker_timeout,
+                            self.settings.waited_result_ttl)
+
     def _read_snapshot(self) -> tuple[list[int], list[WorkerInfo], int, dict[str, int]]:
-        self.store.maintain(time.time(), self.settings.result_ttl, self.worker_timeout)
         by_owner = self.store.unfinished_by_owner() if self.settings.queue_limit_per_key else {}
         return self.store.queue_depths(self.recipe.stages), self.store.workers(), self.store.unfinished(), by_owner
 
@@ -281,7 +327,7 @@ class Service:
 
     async def _ended(self, ids: list[str]) -> set[str]:
         """Of these jobs, those that have ended or are unknown: their uploaded files may go."""
-        return uploads.finished_ids(await self.bridge.call(self.store.get, ids), ids)
+        return uploads.finished_ids(await self.bridge.call(self.store.states, ids), ids)
 
     @property
     def worker_timeout(self) -> float:
@@ -339,17 +385,21 @@ class Service:
         finally:
             self.admission.written(job.owner, written)
 
-    def _new_job(self, request: ParsedRequest, deadline: Optional[float], owner: str) -> NewJob:
-        """A /sync job (one with a deadline) is waited for here: the store sends its outcome back to this process."""
+    def _new_job(self, request: ParsedRequest, deadline: Optional[float], owner: str, waited: bool = False) -> NewJob:
+        """A /sync job (``waited``) is waited for here: the store sends its outcome back to this process.
+        Past its ``deadline`` a job is not predicted (its own timeout; for /sync at most TIMEOUT)."""
         payload = encode_inputs(request.inputs, request.keys)
-        origin = self.doorbell.address if deadline is not None else None
+        origin = (self.doorbell.address or "") if waited else None  # set for every waited-for job: it expires sooner
         job_id = request.unique_id or new_job_id()
         logs.UNIQUE_ID.set(job_id)  # the request's later log lines are about this job
+        if self._job_secret:  # the whole record a worker acts on, bound to this id, stage and owner
+            payload = sign_job(payload, Binding(job_id, 0, owner, len(request.inputs)), self._job_secret)
         return NewJob(job_id, payload, len(request.inputs), request.priority, deadline, request.webhook, origin, owner)
 
     async def submit_async(self, request: ParsedRequest, owner: str = "") -> str:
         self._check_store()
-        job = self._new_job(request, None, owner)
+        deadline = None if request.timeout is None else time.time() + request.timeout
+        job = self._new_job(request, deadline, owner)
         del request  # the inputs live on in the job's payload only: a large input is held once, not twice
         await self._submit(job)
         return job.id
@@ -358,20 +408,35 @@ class Service:
         self, request: ParsedRequest, owner: str = "", client_gone: Optional[Callable[[], Awaitable[None]]] = None,
         timeout: Optional[float] = None,
     ) -> Answer:
+        """``wait_sync``'s outcome as the seed API's /sync answers it."""
+        outcome = await self.wait_sync(request, owner, client_gone, timeout)
+        del request
+        if outcome.status == 200:
+            return Answer(200, bodies.prediction(outcome.job_id, outcome.result))
+        if outcome.status == 499:
+            return Answer(499, b"")  # nobody reads it
+        return Answer(outcome.status, bodies.failure(outcome.reason or "the prediction failed", outcome.job_id))
+
+    async def wait_sync(
+        self, request: ParsedRequest, owner: str = "", client_gone: Optional[Callable[[], Awaitable[None]]] = None,
+        timeout: Optional[float] = None,
+    ) -> SyncOutcome:
         """Queue the job and wait for its outcome, until TIMEOUT (or the request's own shorter
-        ``timeout``) or until the client leaves.
+        timeout: ``timeout``, else the body's) or until the client leaves. Each wire format
+        (/sync, /infer) builds its answer from the outcome once.
 
         ``client_gone()`` completes when the client closes its connection; its job is then
         taken off the queue (if no loop has started on it), so nobody predicts for no one.
         Watching starts only once a request has waited a little: quick answers skip it.
         """
         self._check_store()
+        timeout = request.timeout if timeout is None else timeout
         limit = f"TIMEOUT={self.settings.timeout:g} s"
         if timeout is not None and timeout < self.settings.timeout:
             limit = f"the request's timeout of {timeout:g} s"
         else:
             timeout = self.settings.timeout
-        job = self._new_job(request, time.time() + timeout, owner)
+        job = self._new_job(request, time.time() + timeout, owner, waited=True)
         del request  # the inputs live on in the job's payload only, and that only until it is written
         job_id = job.id
         if job_id in self._waiters:  # its client's id is being waited for here: the store would refuse it too
@@ -388,10 +453,10 @@ class Service:
             view = await self.doorbell.wait_for_answer(waiter, self._alone)
         except SyncTimeout:
             reason = f"no prediction within {limit}; the request was dropped; use /async for long jobs"
-            return Answer(504, bodies.failure(reason, job_id))
+            return SyncOutcome(504, job_id, reason=reason)
         except ClientGone:
             await self._abandon(job_id)
-            return Answer(499, b"")  # nobody reads it
+            return SyncOutcome(499, job_id)  # nobody reads it
         finally:
             self._waiters.pop(job_id, None)
             timer.cancel()
@@ -399,8 +464,10 @@ class Service:
                 start_watch.cancel()
             watch.stop()
         if view.status is JobStatus.DONE:
-            return Answer(200, bodies.prediction(job_id, view.result))
-        return Answer(view.error_status, bodies.failure(view.reason or "the prediction failed", job_id))
+            return SyncOutcome(200, job_id, result=view.result)
+        # the status comes from the store: an error status, whatever a foreign writer put there
+        status = view.error_status if 400 <= view.error_status <= 599 else 500
+        return SyncOutcome(status, job_id, reason=view.reason or "the prediction failed")
 
     def _alone(self) -> bool:
         """Whether one /sync request alone waits in this process."""
@@ -412,37 +479,42 @@ class Service:
         except FastDeployError as exc:  # the job then runs to the end; only work is wasted
             log.warning("could not take abandoned job %s off the queue: %s", job_id, exc.reason)
 
-    async def _view(self, unique_id: str, reader: Optional[str]) -> Optional[JobView]:
-        """The job, if it exists and ``reader`` may see it (None: anyone may): another owner's
-        job is as unknown as one that never existed."""
-        view = (await self.bridge.call(self.store.get, [unique_id])).get(unique_id)
-        if view is None or (reader is not None and view.owner != reader):
+    async def _state(self, unique_id: str, reader: Optional[str]) -> Optional[JobState]:
+        """The job's status, if it exists and ``reader`` may see it (None: anyone may): another
+        owner's job is as unknown as one that never existed. Its result is never read here."""
+        state = (await self.bridge.call(self.store.states, [unique_id])).get(unique_id)
+        if state is None or (reader is not None and state.owner != reader):
             return None
-        return view
+        return state
+
+    def _not_found(self, unique_id: str) -> Answer:
+        """404 for an id this reader cannot see (unknown, another key's, or expired), saying how long results stay."""
+        return Answer(404, bodies.not_found(unique_id, self.settings.result_ttl, self.settings.waited_result_ttl))
 
     async def result(self, unique_id: str, reader: Optional[str] = None) -> Answer:
-        view = await self._view(unique_id, reader)
+        # with keys, the store reads only the reader's own job: another key's result (perhaps large) never
+        view = (await self.bridge.call(self.store.get, [unique_id], reader)).get(unique_id)
         if view is None:
-            return Answer(404, bodies.not_found(unique_id))
+            return self._not_found(unique_id)
         return Answer(200, bodies.result_parts(view.id, view.status, view.result, view.reason, view.webhook))
 
     async def cancel(self, unique_id: str, reader: Optional[str] = None) -> Answer:
         """Cancel a job that is queued (it is not predicted) or being predicted (its outcome is
         discarded); a finished job is a conflict."""
-        view = await self._view(unique_id, reader)
-        if view is None:
-            return Answer(404, bodies.not_found(unique_id))
-        if not view.status.finished:
+        state = await self._state(unique_id, reader)
+        if state is None:
+            return self._not_found(unique_id)
+        if not state.status.finished:
             ended = await self.bridge.call(
                 functools.partial(self.store.cancel, [unique_id], CANCELLED_REASON, 409, status=JobStatus.CANCELLED,
                                   running=True)
             )
             if ended:
                 return Answer(200, bodies.cancelled(unique_id, JobStatus.CANCELLED.value))
-            view = await self._view(unique_id, reader) or view  # it finished meanwhile
-        if not view.status.finished:
-            return Answer(404, bodies.not_found(unique_id))  # gone (expired) between the two reads
-        reason = f"job {unique_id!r} has already ended ({view.status.value}); there is nothing to cancel"
+            state = await self._state(unique_id, reader) or state  # it finished meanwhile
+        if not state.status.finished:
+            return self._not_found(unique_id)  # gone (expired) between the two reads
+        reason = f"job {unique_id!r} has already ended ({state.status.value}); there is nothing to cancel"
         return Answer(409, bodies.failure(reason, unique_id))
 
     # -- results -------------------------------------------------------------
@@ -514,5 +586,6 @@ class Service:
                 "queue_limit": s.queue_limit,
                 "only_async": s.only_async,
                 "result_ttl": s.result_ttl,
+                "sync_result_ttl": s.waited_result_ttl,
             },
         }

@@ -1,8 +1,9 @@
 """One typed, frozen Settings object, read from flags and the environment in one place.
 
 Every option is declared once, as a field of ``Settings`` with its default and its
-metadata (help, original environment names, minimum, extra flags); ``OPTIONS`` is derived
-from those fields, so a default cannot drift between two lists. The original fastDeploy
+metadata (help, original environment names, minimum, extra flags, the commands it does
+something for: by default its group's); ``OPTIONS`` is derived from those fields, so a
+default cannot drift between two lists. The original fastDeploy
 names such as ``TIMEOUT`` keep working. Precedence: command-line flag, then
 ``FASTDEPLOY_<NAME>``, then the original names in order, then the default.
 """
@@ -43,6 +44,7 @@ class Option:
     minimum: Optional[float] = None
     aliases: tuple[str, ...] = ()  # former setting names, still accepted as flags
     group: str = "other"  # where `--help` lists it (one of GROUPS)
+    commands: tuple[str, ...] = ("run", "serve", "worker")  # the commands it does something for (COMMANDS)
 
     @property
     def env(self) -> str:
@@ -65,13 +67,23 @@ def _meta(
     minimum: Optional[float] = None,
     aliases: tuple[str, ...] = (),
     group: str = "other",
+    commands: Optional[tuple[str, ...]] = None,
 ) -> dict[str, Any]:
-    """Field metadata that makes a ``Settings`` field an option; keeps each declaration on one line."""
-    return {"help": text, "legacy_env": env, "minimum": minimum, "aliases": aliases, "group": group}
+    """Field metadata that makes a ``Settings`` field an option; keeps each declaration on one line.
+    ``commands``: those it does something for, when they differ from its group's (GROUP_COMMANDS)."""
+    return {"help": text, "legacy_env": env, "minimum": minimum, "aliases": aliases, "group": group,
+            "commands": commands or GROUP_COMMANDS.get(group, COMMANDS)}
 
 
 # the sections of `fastdeploy run --help`, in order; an option names its own (``group=``)
 GROUPS = ("server", "batching", "prediction loops", "store", "limits", "security", "webhooks", "logging", "other")
+# the commands that take settings: `run` starts API servers and prediction loops, `serve` only the
+# API servers, `worker` only the loops; a flag is refused by a command it would do nothing for
+COMMANDS = ("run", "serve", "worker")
+API_COMMANDS = ("run", "serve")
+LOOP_COMMANDS = ("run", "worker")
+GROUP_COMMANDS = {"server": API_COMMANDS, "limits": API_COMMANDS, "security": API_COMMANDS,
+                  "webhooks": API_COMMANDS, "batching": LOOP_COMMANDS, "prediction loops": LOOP_COMMANDS}
 
 
 @dataclass(frozen=True)
@@ -88,8 +100,9 @@ class Settings:
     broker: str = field(default="", metadata=_meta(
         "redis://HOST:PORT/DB to share one queue between hosts; empty = embedded SQLite store", group="store"))
     store_secret: str = field(default="", repr=False, metadata=_meta(
-        "key that signs what chain stages hand each other through the store; required with --broker for a "
-        "chain (same on every host); empty = generated into the state folder for the embedded store", group="store"))
+        "key that signs what chain stages hand each other through the store and, on --broker, every job record; "
+        "required with --broker for a chain; the same on every host, API servers included; empty = generated into "
+        "the state folder for the embedded store", group="store"))
     timeout: float = field(default=480.0, metadata=_meta(
         "seconds a /sync request may wait before 504", env=("TIMEOUT",), minimum=0.001, group="limits"))
     max_per_client_batch: int = field(default=0, metadata=_meta(
@@ -126,9 +139,15 @@ class Settings:
         group="prediction loops"))
     spin_us: float = field(default=1000.0, metadata=_meta(
         "microseconds a loop or API server polls for the next ring before sleeping, only while a lone client "
-        "sends request after request (0 = always sleep)", env=("SPIN_US",), minimum=0, group="batching"))
+        "sends request after request (0 = always sleep)", env=("SPIN_US",), minimum=0, group="batching",
+        commands=COMMANDS))
     result_ttl: float = field(default=3600.0, metadata=_meta(
-        "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1, group="store"))
+        "seconds a finished result stays readable", env=("RESULT_TTL",), minimum=1, group="store",
+        commands=API_COMMANDS))
+    sync_result_ttl: float = field(default=20.0, metadata=_meta(
+        "seconds a prediction its caller waited for (/sync, /infer, OpenAI, v2, MCP), and so has already, stays "
+        "readable at /result (at most --result-ttl; failures stay --result-ttl)", minimum=1, group="store",
+        commands=API_COMMANDS))
     max_body_mb: float = field(default=100.0, metadata=_meta(
         "largest request body in MiB (413 above)", minimum=0.001, group="limits"))
     max_file_mb: float = field(default=1024.0, metadata=_meta(
@@ -158,7 +177,8 @@ class Settings:
         "comma-separated API keys; when set (or --api-keys-file), every endpoint but /health and /ready "
         "needs one (Authorization: Bearer KEY or X-API-Key: KEY)", group="security"))
     api_keys_file: str = field(default="", metadata=_meta(
-        "file with one API key per line (# comments); re-read on SIGHUP", group="security"))
+        "file with one API key per line (# comments); re-read on SIGHUP (emptied or deleted: every key it held "
+        "is refused)", group="security"))
     metrics_open: bool = field(default=False, metadata=_meta(
         "serve /metrics without an API key (for scrapers)", group="security"))
     cors_origins: str = field(default="", metadata=_meta(
@@ -168,7 +188,8 @@ class Settings:
         "comma-separated proxy addresses (or *) whose X-Forwarded-For names the client: its lane in the fair "
         "share without API keys (none = believe no proxy)", env=("FORWARDED_ALLOW_IPS",), group="security"))
     lease_seconds: float = field(default=30.0, metadata=_meta(
-        "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1, group="store"))
+        "how long a claimed job stays with a loop that stops heartbeating", minimum=0.1, group="store",
+        commands=LOOP_COMMANDS))
     heartbeat_seconds: float = field(default=1.0, metadata=_meta(
         "how often loops report they are alive", minimum=0.01, group="store"))
     webhook_attempts: int = field(default=8, metadata=_meta(
@@ -176,15 +197,18 @@ class Settings:
     webhook_timeout: float = field(default=10.0, metadata=_meta(
         "seconds a webhook receiver has to answer", minimum=0.01, group="webhooks"))
     webhook_backoff: float = field(default=1.0, metadata=_meta(
-        "first retry delay in seconds; doubles each attempt", minimum=0, group="webhooks"))
+        "first retry delay in seconds, counted from when the failed attempt's --webhook-timeout ran out; "
+        "doubles each attempt", minimum=0, group="webhooks"))
     webhook_hosts: str = field(default="", metadata=_meta(
-        "comma-separated hosts webhooks may target (empty = any)", group="webhooks"))
+        "comma-separated hosts webhooks may target, loopback or private ones included (empty = any host "
+        "outside loopback and private networks, unless --webhook-allow-private)", group="webhooks"))
     webhook_secret: str = field(default="", repr=False, metadata=_meta(
         "whsec_<base64> secret that signs every webhook (Standard Webhooks headers; empty = unsigned)",
         group="webhooks"))
-    webhook_deny_private: bool = field(default=False, metadata=_meta(
-        "refuse webhooks to loopback and private addresses too (link-local and metadata ones always are)",
-        group="webhooks"))
+    webhook_allow_private: bool = field(default=False, metadata=_meta(
+        "let webhooks reach loopback and private addresses (127/8, 10/8, 192.168/16, ::1, ...), refused by "
+        "default; turn on only when every client may reach this host's network (link-local and metadata "
+        "addresses stay refused; a host named in --webhook-hosts is allowed without it)", group="webhooks"))
     log_level: str = field(default="info", metadata=_meta("debug, info, warning or error", group="logging"))
     log_format: str = field(default="text", metadata=_meta(
         "text (one line per event, for people) or json (one object per line, for log collectors)", group="logging"))
@@ -201,6 +225,11 @@ class Settings:
     @property
     def spin_seconds(self) -> float:
         return self.spin_us / 1_000_000
+
+    @property
+    def waited_result_ttl(self) -> float:
+        """Seconds a result its caller waited for is kept: never longer than any other result."""
+        return min(self.sync_result_ttl, self.result_ttl)
 
     @property
     def max_body_bytes(self) -> int:
@@ -251,6 +280,7 @@ def _options_from_fields() -> tuple[Option, ...]:
             minimum=f.metadata["minimum"],
             aliases=f.metadata["aliases"],
             group=f.metadata["group"],
+            commands=f.metadata["commands"],
         ))
     return tuple(options)
 

@@ -11,7 +11,7 @@ once per ``FRESH_SECONDS`` however many pages are open.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from fastdeploy import __version__
 from fastdeploy.errors import FastDeployError
@@ -21,30 +21,36 @@ from fastdeploy.store.base import Failure, Outbox
 
 FRESH_SECONDS = 1.0  # how stale the failures and the outbox may be
 FAILURES_SHOWN = 10
-FAILURES_READ = 50  # read for every key at once; each key is shown only its own (API keys on)
+FAILURES_READ = FAILURES_SHOWN  # the newest failures read: of every client, or (API keys on) of the key asking
+OWNERS_CACHED = 256  # keys whose failures are kept between reads (the oldest read goes first)
 
 RequestSummary = Callable[[], Mapping[str, Any]]
+Warnings = Callable[[], Sequence[str]]
 
 
 class StatusBoard:
     """Builds the status document of one API server process."""
 
-    def __init__(self, service: Service, requests: RequestSummary) -> None:
-        """``requests``: the request counters and latency histogram of the API servers (``Metrics``)."""
+    def __init__(self, service: Service, requests: RequestSummary, warnings: Warnings = tuple) -> None:
+        """``requests``: the request counters and latency histogram of the API servers (``Metrics``);
+        ``warnings``: what every reader should know of this server's configuration (like revoked API keys)."""
         self._service = service
         self._requests = requests
+        self._warnings = warnings
         self._started = time.time()
-        self._read_at = float("-inf")
-        self._failures: list[Failure] = []
+        self._read_at: dict[Optional[str], float] = {}  # per owner (None: every client's failures)
+        self._failures: dict[Optional[str], list[Failure]] = {}
         self._outbox: Optional[Outbox] = None
         self._store_error: Optional[str] = None
 
     async def document(self, owner: Optional[str] = None) -> dict[str, Any]:
-        """The document; with ``owner`` (API keys on), the failures listed are that key's jobs only."""
-        if time.monotonic() - self._read_at >= FRESH_SECONDS:
-            self._read_at = time.monotonic()
+        """The document; with ``owner`` (API keys on), the failures listed are that key's jobs only,
+        read from the store's list of that key's own failures."""
+        if time.monotonic() - self._read_at.get(owner, float("-inf")) >= FRESH_SECONDS:
+            self._forget_oldest()
+            self._read_at[owner] = time.monotonic()
             try:
-                self._failures, self._outbox = await self._service.bridge.call(self._read_store)
+                self._failures[owner], self._outbox = await self._service.bridge.call(self._read_store, owner)
                 self._store_error = None
             except FastDeployError as exc:  # the page says so; the rest of it still shows
                 self._store_error = exc.reason
@@ -61,16 +67,24 @@ class StatusBoard:
             "stages": [_stage(stage, depths, workers, now) for stage in range(recipe.stages)],
             "requests": dict(self._requests()),
             "failures": [{"at": f.at, "unique_id": f.unique_id, "reason": f.reason}
-                         for f in self._failures if owner is None or f.owner == owner][:FAILURES_SHOWN],
+                         for f in self._failures.get(owner, []) if owner is None or f.owner == owner][:FAILURES_SHOWN],
             "webhooks": None if self._outbox is None else {
                 "pending": self._outbox.pending, "delivered": self._outbox.delivered, "failed": self._outbox.failed,
             },
             "store_error": self._store_error,
+            "warnings": list(self._warnings()),
         }
 
-    def _read_store(self) -> tuple[list[Failure], Outbox]:
+    def _forget_oldest(self) -> None:
+        """Keep the failures of at most OWNERS_CACHED keys (every key that opened a page would stay)."""
+        while len(self._read_at) >= OWNERS_CACHED:
+            oldest = min(self._read_at, key=self._read_at.__getitem__)
+            del self._read_at[oldest]
+            self._failures.pop(oldest, None)
+
+    def _read_store(self, owner: Optional[str]) -> tuple[list[Failure], Outbox]:
         store = self._service.store
-        return store.recent_failures(FAILURES_READ), store.outbox()
+        return store.recent_failures(FAILURES_READ, owner), store.outbox()
 
 
 def _stage(stage: int, depths: list[int], workers: list[WorkerInfo], now: float) -> dict[str, Any]:

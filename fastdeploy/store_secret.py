@@ -9,7 +9,10 @@ write to the store (a Redis without a password, say) cannot make a worker run co
 - With the embedded store and none given, the supervisor generates one (32 random bytes,
   hex) into ``STATE_DIR/store_secret`` (mode 0600) on first start and reuses it after.
 - With ``--broker`` a chain needs one given: hosts share no folder to generate it in.
-  One-stage recipes never unpickle anything and need none.
+  One-stage recipes never unpickle anything and need none; given one on a broker, every job
+  record is signed by the API server that accepted it (``for_jobs``), so a Redis writer
+  without it cannot make a worker run inputs that no API server accepted for that id, owner
+  and stage, nor read or delete files of another job (it can still replay a job as accepted).
 
 The secret reaches the supervisor's children through their environment (``Settings.to_env``),
 never their command line, and ``Settings`` leaves it out of its repr so it is not logged.
@@ -64,6 +67,13 @@ def for_loop(settings: Settings) -> str:
     if settings.store_secret or settings.broker:
         return settings.store_secret
     return load_or_create(settings.state_path)
+
+
+def for_jobs(settings: Settings) -> str:
+    """The secret that signs every job record an API server writes (``jobs.sign_job``) and that a
+    stage-0 loop checks: the given one on a broker, where other hosts can write to the store; none on
+    the embedded store, whose writers can read the state folder's secret file beside it anyway."""
+    return settings.store_secret if settings.broker else ""
 
 
 def load_or_create(state_dir: Path) -> str:

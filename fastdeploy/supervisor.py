@@ -16,6 +16,7 @@ servers why, so /ready, /sync and /async say it at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastdeploy import __version__, devices, store_secret
+from fastdeploy import __version__, devices, jobs, state_folder, store_secret
 from fastdeploy.errors import FastDeployError
 from fastdeploy.jobs import STARTUP_FAILURE, WorkerInfo
 from fastdeploy.recipe import Recipe
@@ -69,7 +70,7 @@ class Child:
 
 
 _SECRETS_OF_THE_OTHER_ROLE = {
-    "api": ("FASTDEPLOY_STORE_SECRET",),
+    "api": (),  # the store secret too, unless it signs job records (a broker: ``store_secret.for_jobs``)
     "loop": ("FASTDEPLOY_API_KEYS", "FASTDEPLOY_API_KEYS_FILE", "FASTDEPLOY_WEBHOOK_SECRET"),
 }
 _REUSE_PORT: Optional[int] = getattr(socket, "SO_REUSEPORT", None)
@@ -106,10 +107,23 @@ class Supervisor:
         self._fatal: Optional[str] = None  # why the service stops by itself (a predictor that cannot start)
         self._failing: dict[int, str] = {}  # stage -> why its loops keep failing to start
         self._failure_written = 0.0
+        self._folder: Optional[state_folder.FolderLock] = None  # the embedded store's folder, held while running
 
     # -- public ---------------------------------------------------------------
     def request_stop(self, *_: object) -> None:
         self._stop.set()
+
+    def _upgrade_store(self) -> None:
+        """Jobs an earlier version left queued are queued again in this version's layout before
+        anything serves; a store that is down now is the children's to wait for."""
+        assert self._store is not None
+        stage_secret = self.settings.store_secret  # given, or the state folder's (resolved for loops)
+        resign = functools.partial(jobs.upgraded_payload, stage_secret=stage_secret,
+                                   job_secret=store_secret.for_jobs(self.settings)) if stage_secret else None
+        try:
+            self._store.upgrade(resign)
+        except FastDeployError as exc:
+            log.warning("could not look for jobs of an earlier version in the store: %s", exc.reason)
 
     def _reload(self, *_: object) -> None:
         """SIGHUP: the API servers re-read the API keys file (each handles its own SIGHUP)."""
@@ -131,11 +145,14 @@ class Supervisor:
         parts = [("API servers", self.serve_api), ("prediction loops", self.run_loops)]
         log.info("fastDeploy %s: starting %s for %r", __version__, " and ".join(p for p, on in parts if on),
                  self.recipe.name)
-        self._store = open_store(self.settings.broker, self.settings.state_path)
         try:
             if self.serve_api:  # first: a second instance on a taken port must not touch the first's jobs
                 self._bind()
-            if self.run_loops and not self.settings.broker:
+            if not self.settings.broker:  # nor a second `run` of this state folder on another port
+                self._hold_state_folder()
+            self._store = open_store(self.settings.broker, self.settings.state_path)
+            self._upgrade_store()
+            if self.run_loops and self._folder is not None and self._folder.alone:
                 self._release_previous_workers()
             if self.serve_api:
                 self._fresh_metrics_dir()
@@ -144,6 +161,9 @@ class Supervisor:
             self._start_children()
             if not self.run_loops:  # API servers only: they answer once loops elsewhere join
                 self._announce_urls()
+            elif self.serve_api:  # the port is bound and /health answers: where, before the predictors load
+                log.info("API:         %s  (not ready yet: /health answers now, /ready once every stage is loaded; "
+                         "requests sent meanwhile wait)", self._base_url())
             while not self._stop.wait(WATCH_SECONDS):
                 self._watch()
             self._shutdown()
@@ -154,7 +174,10 @@ class Supervisor:
                 self._listener.close()
             if self._metrics_dir is not None:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
-            self._store.close()
+            if self._store is not None:
+                self._store.close()
+            if self._folder is not None:
+                self._folder.release()
         if self._fatal is not None:
             raise FastDeployError(self._fatal)  # the CLI prints it and exits non-zero
         return 0
@@ -188,6 +211,17 @@ class Supervisor:
         return self._listener.getsockname()[1] if self._listener is not None else self.settings.port
 
     # -- start ----------------------------------------------------------------
+    @property
+    def _name(self) -> str:
+        """The command this supervisor runs: run, serve or worker."""
+        return "run" if self.serve_api and self.run_loops else "serve" if self.serve_api else "worker"
+
+    def _hold_state_folder(self) -> None:
+        """Embedded store: the state folder is this service's alone (``state_folder.hold``), until this
+        process ends; a second `run` of it stops here, naming this one (pid, port)."""
+        self._folder = state_folder.hold(self.settings.state_path, self._name)
+        self._folder.announce(self._name, (self.port,) if self.serve_api else ())
+
     def _release_previous_workers(self) -> None:
         """Embedded store: loops of an earlier run of this state folder are gone; requeue their jobs."""
         assert self._store is not None
@@ -300,6 +334,8 @@ class Supervisor:
         # each child gets only the secrets it uses: the loops run the recipe's own code
         for name in _SECRETS_OF_THE_OTHER_ROLE[child.role]:
             env.pop(name, None)
+        if child.role == "api" and not store_secret.for_jobs(self.settings):  # it signs no job records
+            env.pop("FASTDEPLOY_STORE_SECRET", None)
         if child.role == "loop":
             assert child.stage is not None and child.placement is not None
             env.update(child.placement.env)
@@ -445,11 +481,15 @@ class Supervisor:
             if self.serve_api:
                 self._announce_urls()
 
+    def _base_url(self) -> str:
+        host = self.settings.host
+        shown = "localhost" if host in ("", "0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self.port}"
+
     def _announce_urls(self) -> None:
         """Where to go next: the API, its interactive page and the status page."""
         host = self.settings.host
-        shown = "localhost" if host in ("", "0.0.0.0", "::") else f"[{host}]" if ":" in host else host
-        base = f"http://{shown}:{self.port}"
+        base = self._base_url()
         log.info("API:         %s  (POST /sync, /async; listening on %s)", base, host or "every address")
         log.info("API docs:    %s/docs", base)
         log.info("status page: %s/", base)

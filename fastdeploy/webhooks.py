@@ -7,11 +7,18 @@ only occupies one of a bounded number of concurrent slots, for at most --webhook
 What a delivery trusts and is trusted with:
 - signed per the Standard Webhooks specification when --webhook-secret is set
   (``webhook-id`` = ``msg_<job id>`` on every retry, ``webhook-timestamp`` per attempt);
+- the host is checked against --webhook-hosts again at send time, since the URL comes from the store;
 - the host is resolved once, every address it resolves to is checked (link-local and
-  metadata addresses always refused, loopback and private ones with
-  --webhook-deny-private), and the connection goes to a checked address, so a second
-  DNS answer cannot swap it; redirects are not followed;
-- only the status line and headers of the reply are read: a huge reply costs nothing.
+  metadata addresses always refused, loopback and private ones unless --webhook-allow-private
+  or the host is named in --webhook-hosts), and the connection goes to a checked address, so
+  a second DNS answer cannot swap it; redirects are not followed;
+- only the status line and headers of the reply are read: a huge reply costs nothing;
+- why an attempt failed (refused, no answer, HTTP 503, ...) goes to the log with the job's id
+  and the address, never into the store: /result shows a client only the outcome, how many
+  attempts and when, so it cannot learn what listens at the addresses it names;
+- nor from timing: a failed attempt is recorded (counted, and its retry scheduled) only once its
+  --webhook-timeout has run out, however it failed, so a refused connection, a silent port, an
+  HTTP error and a forbidden address all look the same in /result, when they happen included.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ import httpx
 from standardwebhooks import Webhook
 
 from fastdeploy.errors import FastDeployError
-from fastdeploy.payloads import IPAddress, address_refusal, check_host_name, literal_address
+from fastdeploy.logs import about_job
+from fastdeploy.payloads import (
+    IPAddress, address_refusal, check_host_name, listed_host, literal_address, private_allowed,
+)
 from fastdeploy.settings import Settings, webhook_signing_key
 from fastdeploy.store.base import Store, WebhookDelivery
 from fastdeploy.tasks import keep_running
@@ -68,7 +78,9 @@ def loggable_url(url: str) -> str:
 
 
 class Refused(Exception):
-    """A webhook that must not be sent: its URL is unusable or its host resolves to a forbidden address."""
+    """A webhook that must not be sent: its URL is unusable or its host resolves to a forbidden address.
+    It counts as a failed attempt like any other (and is retried: DNS may change), so that /result
+    does not tell a client which names resolve to addresses webhooks may not reach."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,12 @@ def _url_host(address: IPAddress) -> str:
     return f"[{address.compressed}]" if address.version == 6 else address.compressed
 
 
-async def resolve_targets(url: str, deny_private: bool) -> list[Target]:
-    """Resolve the host once and check every address; Refused if any is forbidden (DNS cannot pick one later)."""
+async def resolve_targets(url: str, allowed_hosts: frozenset[str], allow_private: bool) -> list[Target]:
+    """Check the host against --webhook-hosts, resolve it once and check every address; Refused if the
+    host is not listed or any address is forbidden (DNS cannot pick one later).
+
+    Everything is checked again here, not only at submit: the URL may come from a store anyone with
+    access to Redis can write, or from a job queued before the operator changed the rules."""
     try:
         parts = urlsplit(url)
         name, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
@@ -103,16 +119,19 @@ async def resolve_targets(url: str, deny_private: bool) -> list[Target]:
         host = name if literal_address(name) is not None else check_host_name(name)  # a name as ASCII (IDNA)
     except (ValueError, FastDeployError) as exc:
         raise Refused(f"refused: the URL is not usable ({exc})") from None
+    if allowed_hosts and not listed_host(name, allowed_hosts):
+        raise Refused(f"refused: {host} is not one of the --webhook-hosts")
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     addresses: list[IPAddress] = []
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
         if address not in addresses:
             addresses.append(address)
+    deny_private = not private_allowed(name, allowed_hosts, allow_private)
     for address in addresses:
         refusal = address_refusal(address, deny_private)
         if refusal:
-            why = " (--webhook-deny-private)" if not address_refusal(address, False) else ""
+            why = "" if address_refusal(address, False) else " (allow with --webhook-allow-private or --webhook-hosts)"
             raise Refused(f"refused: {host} resolves to {refusal}{why}")
     return _targets_for(url, host, port, addresses)
 
@@ -126,6 +145,7 @@ class WebhookSender:
         self._call = call
         self._client: Optional[httpx.AsyncClient] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # failed attempts waiting out their time
         self._outage = False
         self._signer = Webhook(webhook_signing_key(settings.webhook_secret)) if settings.webhook_secret else None
 
@@ -137,7 +157,7 @@ class WebhookSender:
         try:
             await keep_running("the webhook sender", self._tick)
         finally:
-            for task in list(self._tasks):
+            for task in [*self._tasks, *self._settling]:
                 task.cancel()
             await self._client.aclose()
 
@@ -183,8 +203,9 @@ class WebhookSender:
             return response.status_code
 
     async def _attempt(self, delivery: WebhookDelivery) -> str:
-        """One try: "" once delivered, else what went wrong; Refused when it must not be sent at all."""
-        targets = await resolve_targets(delivery.url, self.settings.webhook_deny_private)
+        """One try: "" once delivered, else what went wrong; Refused when it must not be sent to these addresses."""
+        s = self.settings
+        targets = await resolve_targets(delivery.url, s.allowed_webhook_hosts, s.webhook_allow_private)
         headers = {"Content-Type": "application/json"}
         if self._signer is not None:
             headers.update(signature_headers(self._signer, delivery.job_id, delivery.body, time.time()))
@@ -196,55 +217,55 @@ class WebhookSender:
         return _outcome(await self._post(targets[-1], delivery.body, headers))
 
     async def _deliver(self, delivery: WebhookDelivery) -> None:
+        """One attempt; a failure is recorded when the attempt's time runs out (see ``_fail_at``)."""
+        started = time.monotonic()
+        error = await self._try(delivery)
+        if not error:
+            await self._delivered(delivery.job_id)
+            return
+        task = asyncio.create_task(self._fail_at(delivery, error, started + self.settings.webhook_timeout))
+        self._settling.add(task)  # off the CONCURRENCY slots: waiting costs a timer, not a delivery
+        task.add_done_callback(self._settling.discard)
+
+    async def _fail_at(self, delivery: WebhookDelivery, error: str, due: float) -> None:
+        """Record a failed attempt at ``due`` (its start + --webhook-timeout), not when it failed: a
+        closed port fails at once and a silent one at the timeout, and a client that reads /result
+        (``attempts``, ``last_attempt_at``, when the retries come) must not tell them apart. Within
+        the outbox lease (--webhook-timeout + 5 s), so no other sender takes the delivery meanwhile."""
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        await self._failed(delivery, error)
+
+    async def _try(self, delivery: WebhookDelivery) -> str:
+        """One try under one deadline: "" once delivered, else why not (for the log only)."""
         timeout = self.settings.webhook_timeout
         try:  # one deadline for the whole try: within the outbox lease, whatever the receiver trickles
             error = await asyncio.wait_for(self._attempt(delivery), timeout)
-        except Refused as exc:  # final: a retry would be refused the same way
-            log.warning("webhook for %s to %s abandoned without retrying: %s",
-                        delivery.job_id, loggable_url(delivery.url), exc)
-            await self._record(self.store.webhook_failed, delivery.job_id, REFUSED_FOR_CLIENTS)
-            return
+        except Refused as exc:  # retried like any failure: the attempts a client sees do not tell it apart
+            error = str(exc)
         except asyncio.TimeoutError:
             error = f"no answer within {timeout:g} s"
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            error = f"{CONNECT_FAILED}: {type(exc).__name__}: {exc}"
+            error = f"could not connect: {type(exc).__name__}: {exc}"
         except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as exc:  # the receiver's fault, or its URL's
             error = f"{type(exc).__name__}: {exc}"
-        if error:
-            await self._failed(delivery, error)
-        else:
-            await self._delivered(delivery.job_id)
+        return error
 
     async def _failed(self, delivery: WebhookDelivery, error: str) -> None:
-        """Schedule the next try with a growing delay, or give up after --webhook-attempts."""
-        attempts = delivery.attempts + 1
+        """Schedule the next try with a growing delay, or give up after --webhook-attempts. The
+        error is logged only: the store, which /result reads, learns that the attempt failed."""
+        attempts, where, about = delivery.attempts + 1, loggable_url(delivery.url), about_job(delivery.job_id)
         try:
             if attempts >= self.settings.webhook_attempts:
                 log.warning("webhook for %s to %s abandoned after %d attempts: %s",
-                            delivery.job_id, loggable_url(delivery.url), attempts, error)
-                await self._record(self.store.webhook_failed, delivery.job_id, for_clients(error))
+                            delivery.job_id, where, attempts, error, extra=about)
+                await self._record(self.store.webhook_failed, delivery.job_id)
             else:
                 delay = next_delay(self.settings, delivery.attempts)
-                log.info("webhook for %s failed (%s); retry %d in %.1f s", delivery.job_id, error, attempts, delay)
-                await self._record(self.store.webhook_retry, delivery.job_id, time.time() + delay, for_clients(error))
+                log.info("webhook for %s to %s failed (%s); retry %d in %.1f s",
+                         delivery.job_id, where, error, attempts, delay, extra=about)
+                await self._record(self.store.webhook_retry, delivery.job_id, time.time() + delay)
         except FastDeployError as exc:  # the lease runs out and another try happens later
             log.warning("could not record webhook attempt for %s: %s", delivery.job_id, exc.reason)
-
-
-REFUSED_FOR_CLIENTS = "refused: the webhook's host is not one webhooks may reach"
-CONNECT_FAILED = "could not connect"
-
-
-def for_clients(error: str) -> str:
-    """What /result may tell of a failed attempt: its kind, never the details (which addresses
-    answer, how an internal service replies): those stay in the server log."""
-    if error.startswith("HTTP "):
-        return f"HTTP {error[5:6]}xx"
-    if error.startswith("no answer within"):
-        return "no answer in time"
-    if error.startswith(CONNECT_FAILED):
-        return CONNECT_FAILED
-    return "the delivery failed"
 
 
 def _outcome(status: int) -> str:

@@ -149,7 +149,8 @@ def serve(
     # one API process unless a test asks for more: per-process counters (/metrics) stay predictable
     full_env.update({"FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_HEARTBEAT_SECONDS": "0.2", "WORKERS": "1"})
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe), "--host", "127.0.0.1", "--port", str(port), *args]
+    where = [] if command == "worker" else ["--host", "127.0.0.1", "--port", str(port)]  # workers serve no HTTP
+    cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe), *where, *args]
     try:
         with running(cmd, env=full_env, cwd=ROOT, port=port, state_dir=state,
                      ready_timeout=ready_timeout if ready else None) as server:

@@ -13,6 +13,9 @@ from typing import Any, Optional
 from standardwebhooks import Webhook, WebhookVerificationError
 
 HUGE_REPLY_BYTES = 200 * 1024 * 1024
+# the receiver listens on loopback, which webhooks may reach only where the operator allows it
+ALLOW_LOCAL = ("--webhook-allow-private",)
+ALLOW_LOCAL_ENV = {"FASTDEPLOY_WEBHOOK_ALLOW_PRIVATE": "true"}
 
 
 class Delivery:

@@ -81,7 +81,9 @@ class ApiProcess:
     def __init__(self, settings: Settings, recipe: Recipe, metrics_dir: Optional[str]) -> None:
         self.settings = settings
         self.recipe = recipe
-        self.keys = ApiKeys(settings.api_keys, settings.api_keys_file)
+        # not strict: the command checked the file at start; an API server restarted after every key was
+        # revoked starts refusing them, as the others do, instead of failing to start again and again
+        self.keys = ApiKeys(settings.api_keys, settings.api_keys_file, strict=False)
         self._metrics_dir = metrics_dir
         self._backend: Optional[Backend] = None
         self._service: Optional[Service] = None
@@ -103,7 +105,8 @@ class ApiProcess:
     @functools.lru_cache(maxsize=1)  # noqa: B019 (one ApiProcess per process, alive as long as it)
     def openapi_body(self) -> bytes:
         """The OpenAPI document, built when first asked for (it reads the recipe's example files)."""
-        return bodies.document(openapi_document(self.recipe))
+        s = self.settings
+        return bodies.document(openapi_document(self.recipe, s.allowed_webhook_hosts, s.allow_pickle))
 
     @property
     def status(self) -> StatusBoard:
@@ -115,7 +118,7 @@ class ApiProcess:
         backend = self._backend = open_backend(s.broker, s.state_path, s.spin_seconds)
         self._service = Service(s, self.recipe, backend.store, backend.doorbell)
         self._metrics = Metrics(self.service.snapshot, BATCH_BUCKETS, self._metrics_dir, backend.doorbell.STATS)
-        self._status = StatusBoard(self.service, self.metrics.request_summary)
+        self._status = StatusBoard(self.service, self.metrics.request_summary, self.keys.warnings)
         await self.service.start()
         if self.settings.api_keys_file:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
@@ -247,7 +250,7 @@ async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
             await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file,
             max_items=s.max_per_client_batch, max_bytes=s.max_body_bytes, allow_pickle=s.allow_pickle,
         )
-        done = await api.service.predict_sync(
+        done = await api.service.wait_sync(
             request, scope[OWNER], functools.partial(_disconnected, receive), timeout=wire.timeout
         )
     except FastDeployError as exc:
@@ -255,7 +258,7 @@ async def infer_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
         return Reply(status, body, headers or None, media_type)
     if done.status == 499:
         return Reply(499, b"")  # nobody reads it
-    status, body, media_type = wire.answer(done.status, done.content, request.keys)
+    status, body, media_type = wire.answer(done, request.keys)
     return Reply(status, body, None, media_type)
 
 
@@ -267,7 +270,7 @@ async def async_handler(api: ApiProcess, scope: Scope, receive: Receive) -> Repl
     unique_id = await api.service.submit_async(parse_request(
         await read_body(scope, receive, s.max_body_bytes), file_mode=api.recipe.is_file, sync=False,
         max_items=s.max_per_client_batch, allowed_webhook_hosts=s.allowed_webhook_hosts,
-        deny_private_webhooks=s.webhook_deny_private,
+        allow_private_webhooks=s.webhook_allow_private,
     ), scope[OWNER])
     return Reply(200, bodies.accepted(unique_id))
 

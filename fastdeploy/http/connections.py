@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, cast
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fastdeploy import bodies
+from fastdeploy import bodies, logs
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -67,12 +67,18 @@ class _RefusalLog:
 _REFUSALS = _RefusalLog()
 
 
-def refusal_response(limit: int) -> bytes:
+def refusal_response(limit: int, request_id: str) -> bytes:
     """The whole HTTP answer a connection over the cap gets before it is closed."""
     body = bodies.failure(f"too many open connections: this server process already has {limit} "
                           "(--max-connections); retry shortly")
-    head = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n" % len(body))
+    return _closing_response(b"503 Service Unavailable", body, request_id, b"retry-after: 1\r\n")
+
+
+def _closing_response(status: bytes, body: bytes, request_id: str, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer written by this module itself (no request reached the app), with the
+    ``X-Request-ID`` every answer carries, after which the connection closes."""
+    head = (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sx-request-id: %s\r\n"
+            b"connection: close\r\n\r\n" % (status, len(body), extra, request_id.encode("ascii")))
     return head + body
 
 
@@ -87,7 +93,10 @@ class _Refusal(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)
-        stream.write(refusal_response(self._limit))
+        request_id = logs.new_request_id()
+        log.debug("refused a connection with 503 (--max-connections %d)", self._limit,
+                  extra={"request_id": request_id})
+        stream.write(refusal_response(self._limit, request_id))
         if stream.can_write_eof():
             stream.write_eof()
         self._closer = self._loop.call_later(REFUSAL_LINGER_SECONDS, stream.close)
@@ -179,6 +188,14 @@ class _Guard(asyncio.Protocol):
 
     def _head_late(self) -> None:
         _head_late(self.transport, self.cycle, self.limits.header_timeout)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refuses (uvicorn's own 400): the one error shape, with a request id."""
+        request_id = logs.new_request_id()
+        log.info("answered 400 to a request the HTTP parser refused: %s", msg, extra={"request_id": request_id})
+        body = bodies.failure(f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}); check the client")
+        self.transport.write(_closing_response(b"400 Bad Request", body, request_id))
+        self.transport.close()
 
 
 class GuardedH11Protocol(_Guard, H11Protocol):

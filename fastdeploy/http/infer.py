@@ -26,6 +26,7 @@ import pybase64
 import zstandard
 
 from fastdeploy.errors import BadRequest, FastDeployError, PayloadTooLarge
+from fastdeploy.service import SyncOutcome
 from fastdeploy.payloads import (
     DEFAULT_ASYNC_PRIORITY,
     Body,
@@ -33,11 +34,13 @@ from fastdeploy.payloads import (
     MAX_JSON_DEPTH,
     ParsedRequest,
     check_unique_id,
+    unknown_field_reason,
     nested_deeper_than,
     safe_file_name,
 )
 
 INPUT_TYPES = ("msgpack", "json", "pickle")
+QUERY_PARAMETERS = ("input_type", "compressed", "unique_id", "timeout", "async")  # what fdclient 3.x sends
 MEDIA_TYPES = {"json": "application/json", "msgpack": "application/msgpack", "pickle": "application/pickle"}
 COMPRESSED_MEDIA_TYPE = "application/octet-stream"  # what 3.x answers whenever the answer is compressed
 PICKLE_REFUSED = (
@@ -104,17 +107,20 @@ class Wire:
         priority = DEFAULT_ASYNC_PRIORITY if self.is_async else DEFAULT_SYNC_PRIORITY
         return ParsedRequest(inputs, keys, priority, None, self.unique_id)
 
-    def answer(self, status: int, body: bytes, keys: Optional[list[str]]) -> tuple[int, bytes, str]:
-        """Status, body and media type of the answer to a finished wait, from the service's JSON answer."""
-        document = orjson.loads(body) if body else {}
-        unique_id = document.get("unique_id", self.unique_id)
-        if status == 200 and document.get("success"):
-            prediction = document.get("prediction")
+    def answer(self, outcome: SyncOutcome, keys: Optional[list[str]]) -> tuple[int, bytes, str]:
+        """Status, body and media type of the answer to a finished wait, built once from its outcome:
+        the prediction's JSON bytes go into a JSON answer as they are, and are decoded only to be
+        re-encoded as msgpack or pickle, or to put a FILE recipe's outputs back in input order."""
+        if outcome.status == 200:
+            result = outcome.result or b"null"
+            if keys is None and self.input_type == "json":
+                return 200, self.encode(True, outcome.job_id, orjson.Fragment(result), None), self.media_type
+            prediction = orjson.loads(result)
             if keys is not None and isinstance(prediction, dict):  # a FILE recipe: back in input order, as sent
                 prediction = [prediction.get(key) for key in keys]
-            return 200, self.encode(True, unique_id, prediction, None), self.media_type
-        reason = str(document.get("reason") or "the prediction failed")
-        return (500 if status == TIMED_OUT else status), self.encode(False, unique_id, None, reason), self.media_type
+            return 200, self.encode(True, outcome.job_id, prediction, None), self.media_type
+        status = 500 if outcome.status == TIMED_OUT else outcome.status
+        return status, self.encode(False, outcome.job_id, None, outcome.reason or "the prediction failed"), self.media_type
 
     def refusal(self, exc: FastDeployError) -> tuple[int, bytes, str, dict[str, str]]:
         """Status, body, media type and headers of an error, in the client's own format."""
@@ -193,17 +199,26 @@ def _load(raw: Body, input_type: str) -> list[Any]:
             value = pickle.loads(raw)  # the operator set ALLOW_PICKLE: its clients are trusted
         else:
             value = orjson.loads(raw)
-            if isinstance(value, dict) and "data" in value:  # 3.x took {"data": [...]} too
-                value = value["data"]
     except (ValueError, TypeError, msgpack.UnpackException, pickle.UnpicklingError, EOFError, AttributeError,
             ImportError, IndexError, KeyError, RecursionError) as exc:
         detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc).strip() else type(exc).__name__
         raise BadRequest(f"the body is not valid {input_type} ({detail})") from None
+    if input_type == "json" and isinstance(value, dict) and "data" in value:  # 3.x took {"data": [...]} too
+        value = _data(value)
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
         raise BadRequest(f"the body must be a list of inputs, not a {type(value).__name__}")
     return value
+
+
+def _data(document: dict[str, Any]) -> Any:
+    """The inputs of a {"data": [...]} body, which has no other key: options go in the query string."""
+    unknown = next((key for key in document if key != "data"), None)
+    if unknown is not None:
+        reason = unknown_field_reason(unknown, ("data",), "the request body")
+        raise BadRequest(f"{reason}; /infer takes its options as query parameters: {', '.join(QUERY_PARAMETERS)}")
+    return document["data"]
 
 
 def _check_plain(inputs: list[Any]) -> None:

@@ -228,6 +228,9 @@ function render(doc) {
   state.textContent = s.ready ? "ready" : "not ready: " + (s.reason || "");
   if (doc.store_error) state.textContent += " (store: " + doc.store_error + ")";
   state.className = "state " + (s.ready && !doc.store_error ? "ready" : "not-ready");
+  const warnings = doc.warnings || [];
+  $("warnings").replaceChildren(...warnings.map((text) => el("li", text)));
+  $("warnings").hidden = warnings.length === 0;
   $("input-type").textContent = s.input_type;
   $("uptime").textContent = duration(s.uptime_s);
   $("requests-total").textContent = fmt(answered(doc.requests, PREDICT));
@@ -273,7 +276,8 @@ async function poll() {
       $("key-form").hidden = false;
       $("board").hidden = true;
       $("state").textContent = "an API key is needed";
-      $("key-error").textContent = key() ? "that key was refused" : "";
+      const refusal = await reply.json().catch(() => ({}));
+      $("key-error").textContent = key() ? refusal.reason || "that key was refused" : "";
       return; // polling resumes when a key is given
     }
     const doc = await reply.json();

@@ -17,12 +17,15 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from fastdeploy.errors import StoreUnavailable
-from fastdeploy.jobs import ClaimedJob, JobStatus, JobView, NewJob, Outcome, WorkerInfo
+from fastdeploy.jobs import Binding, ClaimedJob, JobState, JobStatus, JobView, NewJob, Outcome, WorkerInfo
 
 log = logging.getLogger(__name__)
+
+# What ``Store.upgrade`` asks of a job's payload: the payload in this version's signed form, or None.
+Resign = Callable[[bytes, Binding], Optional[bytes]]
 
 # A job whose loop died this many times while holding it fails instead of killing more loops.
 MAX_ATTEMPTS = 3
@@ -97,7 +100,7 @@ class Store(abc.ABC):
 
     # -- API side -------------------------------------------------------------
     @abc.abstractmethod
-    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True, owner_limit: int = 0) -> bool:
         """Queue jobs at stage 0, durably, and say so to the stage-0 loops' doorbells.
 
         ``block=False``: write only if that needs no waiting at all (no network, no lock
@@ -108,11 +111,22 @@ class Store(abc.ABC):
         A job id the store still holds (queued, running, or finished and not yet expired), or one
         that ``jobs`` holds twice, raises ``JobExists`` naming those ids, and nothing is written:
         clients may choose their own ids.
+
+        ``owner_limit`` (0: none) bounds each owner's unfinished jobs (queued or processing, at any
+        stage), checked in the same atomic write, so the bound holds however many API servers
+        write: the jobs that would take an owner past it, the last of that owner's in ``jobs``,
+        raise ``OwnerLimitReached`` naming them, and nothing is written. ``JobExists`` is checked first.
         """
 
     @abc.abstractmethod
-    def get(self, ids: Sequence[str]) -> dict[str, JobView]:
-        """The current view of each known id; unknown or expired ids are left out."""
+    def get(self, ids: Sequence[str], owner: Optional[str] = None) -> dict[str, JobView]:
+        """The current view of each known id; unknown or expired ids are left out, and with
+        ``owner``, jobs of other owners too (their results are not read: they may be large)."""
+
+    @abc.abstractmethod
+    def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        """Status and owner of each known id, never its result (``get`` without the read of a
+        result that may be large); unknown or expired ids are left out."""
 
     @abc.abstractmethod
     def unfinished(self) -> int:
@@ -147,13 +161,17 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
+    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> list[str]:
         """Record each outcome once: move to the next stage, store the result, or fail.
 
         An outcome for a job that already finished or moved on (it was predicted twice
         after a lease ran out) is ignored, so a result is delivered once. The outcome of a
         job with an ``origin`` is sent to that address (the doorbell of the API server that
         waits for it); the loops of the next stage are told of jobs moved on to them.
+
+        Returns the ids of those jobs that no other loop holds at the outcome's stage now:
+        only their inputs at that stage (uploaded files) may be deleted. A loop whose lease
+        ran out may still record first, but the loop that claimed the job again is reading them.
         """
 
     # -- workers --------------------------------------------------------------
@@ -170,9 +188,24 @@ class Store(abc.ABC):
         """Forget a loop and put the jobs it held back in the queue; returns how many."""
 
     # -- maintenance ----------------------------------------------------------
+    def upgrade(self, resign: Optional[Resign] = None) -> int:
+        """Bring jobs an earlier version wrote up to this version's layout, at start-up (the
+        supervisor calls it; several at once are safe); returns how many jobs it changed.
+        ``resign(payload, binding)`` gives an unfinished job's payload in this version's signed
+        form, or None to leave it as it is (``jobs.upgraded_payload``). A backend whose schema is
+        upgraded when it opens and that keeps no payloads of an older form has nothing to do."""
+        return 0
+
     @abc.abstractmethod
-    def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
-        """Requeue jobs of lapsed leases or silent workers, expire old results and workers."""
+    def maintain(
+        self, now: float, result_ttl: float, worker_timeout: float, waited_ttl: Optional[float] = None,
+    ) -> None:
+        """Requeue jobs of lapsed leases or silent workers, expire old results and workers.
+
+        A job ends ``result_ttl`` seconds after it finished; one whose caller waited for it (it had
+        an ``origin``: /sync) after ``waited_ttl`` (None: ``result_ttl``), since that caller has it
+        already. Expiry goes a bounded slice at a time, so each call holds the store briefly however
+        much is due (what is left waits for the next call, which API servers make twice a second)."""
 
     # -- webhook outbox -------------------------------------------------------
     @abc.abstractmethod
@@ -181,21 +214,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def webhook_delivered(self, job_id: str) -> None:
-        """Record a delivery: it leaves the outbox, and ``get`` shows it ``delivered``."""
+        """Record a delivery: it leaves the outbox, and ``get`` shows it ``delivered`` (and when)."""
 
     @abc.abstractmethod
-    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
-        """Count a failed attempt (``error`` says why) and schedule the next one."""
+    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
+        """Count a failed attempt (when it ended, not why: see ``WebhookState``) and schedule the next one."""
 
     @abc.abstractmethod
-    def webhook_failed(self, job_id: str, error: str) -> None:
-        """Give a webhook up: it leaves the outbox, and ``get`` shows it ``failed`` with ``error``."""
+    def webhook_failed(self, job_id: str) -> None:
+        """Give a webhook up: it leaves the outbox, and ``get`` shows it ``failed`` (and when)."""
 
     # -- what an operator sees -------------------------------------------------
     @abc.abstractmethod
-    def recent_failures(self, limit: int) -> list[Failure]:
+    def recent_failures(self, limit: int, owner: Optional[str] = None) -> list[Failure]:
         """The last ``limit`` jobs that failed, newest first, with their owners (cheap: read once a second
-        per open page; a page shows a key only its own)."""
+        per open page). With ``owner``, that owner's only, kept per owner: a page shows a key its own,
+        and another key's flood of failures does not push them out."""
 
     @abc.abstractmethod
     def outbox(self) -> Outbox:
@@ -203,8 +237,9 @@ class Store(abc.ABC):
 
     # -- lifecycle ------------------------------------------------------------
     def checkpoint(self) -> None:  # noqa: B027 (optional hook)
-        """Fold the store's write-ahead log into its main file, where that is this process's
-        job (one process per host calls this now and then, off the request path)."""
+        """Fold the store's write-ahead log into its main file and give space freed by expired jobs
+        back to the disk, where that is this process's job (one process per host calls this now and
+        then, off the request path)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""

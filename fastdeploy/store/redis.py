@@ -20,7 +20,9 @@ This module and ``redis_doorbell`` are the only ones that import ``redis``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -40,9 +42,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 from fastdeploy.bodies import result_document
-from fastdeploy.errors import JobExists, SettingsError, StoreUnavailable
-from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
-from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Store, WebhookDelivery
+from fastdeploy.errors import JobExists, OwnerLimitReached, SettingsError, StoreUnavailable
+from fastdeploy.jobs import (
+    MAX_JOB_ID, TIMED_OUT_REASON, Binding, ClaimedJob, JobState, JobStatus, JobView, NewJob, Outcome, WebhookState,
+    WorkerInfo, is_job_id,
+)
+from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Resign, Store, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class Keys:
         return f"{self.prefix}:leased"
 
     @property
-    def finished(self) -> str:  # zset: job id -> finished time (result expiry)
+    def finished(self) -> str:  # zset: job id -> finished time, of jobs a key TTL alone does not expire
         return f"{self.prefix}:finished"
 
     @property
@@ -82,7 +87,7 @@ class Keys:
         return f"{self.prefix}:stages"
 
     @property
-    def config(self) -> str:  # hash: result_ttl, as last set by an API server's maintenance
+    def config(self) -> str:  # hash: result_ttl and waited_ttl, as last set by an API server's maintenance
         return f"{self.prefix}:config"
 
     @property
@@ -100,6 +105,10 @@ class Keys:
     @property
     def failures(self) -> str:  # list: the last FAILURES_KEPT failed jobs, newest first, as JSON [time, id, reason]
         return f"{self.prefix}:failures"
+
+    @property
+    def owned(self) -> str:  # hash: owner -> its unfinished jobs (queued or processing), for the per-key bound
+        return f"{self.prefix}:unfinished"
 
     @property
     def tallies(self) -> str:  # hash: counters since the store was created (webhooks delivered, failed)
@@ -137,6 +146,10 @@ class Keys:
     def hook_prefix(self) -> str:  # hash per pending webhook: url, attempts
         return f"{self.prefix}:webhook:"
 
+    @property
+    def failed_prefix(self) -> str:  # list per owner: its last FAILURES_KEPT failures, as ``failures``; expires
+        return f"{self.prefix}:failures:"
+
     def job(self, job_id: str) -> str:
         return self.job_prefix + job_id
 
@@ -155,19 +168,22 @@ class Keys:
     def hook(self, job_id: str) -> str:
         return self.hook_prefix + job_id
 
+    def failed(self, owner: str) -> str:
+        return self.failed_prefix + owner
+
     def pattern(self) -> str:
         """SCAN pattern matching every key of this prefix."""
         return f"{self.prefix}:*"
 
     def script_keys(self) -> list[str]:
-        """KEYS[1..11] of every script, in the order _LUA_PRELUDE names them."""
+        """KEYS[1..12] of every script, in the order _LUA_PRELUDE names them."""
         return [self.seq, self.leased, self.finished, self.outbox, self.stages, self.config, self.workers, self.seen,
-                self.turns, self.failures, self.tallies]
+                self.turns, self.failures, self.tallies, self.owned]
 
     def script_prefixes(self) -> list[str]:
-        """ARGV[1..7] of every script, in the order _LUA_PRELUDE names them."""
+        """ARGV[1..8] of every script, in the order _LUA_PRELUDE names them."""
         return [self.job_prefix, self.queue_prefix, self.held_prefix, self.bell_prefix, self.hook_prefix, self.results,
-                self.lanes_prefix]
+                self.lanes_prefix, self.failed_prefix]
 
 
 # -- Lua ------------------------------------------------------------------------------
@@ -175,14 +191,44 @@ class Keys:
 _LUA_PRELUDE = """
 local K_SEQ, K_LEASED, K_FINISHED, K_OUTBOX = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_STAGES, K_CONFIG, K_WORKERS, K_SEEN, K_TURNS = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local K_FAILURES, K_TALLIES = KEYS[10], KEYS[11]
+local K_FAILURES, K_TALLIES, K_OWNED = KEYS[10], KEYS[11], KEYS[12]
 local P_JOB, P_QUEUE, P_HELD, P_BELL, P_HOOK, CH_RESULTS = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local P_LANES = ARGV[7]
-local A = 8  -- first argument of the script itself
+local P_LANES, P_FAILED = ARGV[7], ARGV[8]
+local A = 9  -- first argument of the script itself
 local SCORE_SCALE = 1000000000000
 local BELL_TOKENS = 16
 local BELL_TTL = 60
 local FAILURES_KEPT = 50
+local DEFAULT_TTL = 3600  -- seconds an owner's failures list outlives its last failure before result_ttl is known
+local MAX_KEEP = 10000000000  -- seconds: a longer TTL would not fit EXPIRE's integer once in milliseconds
+
+-- Records are untrusted (anyone who can write to Redis can write them), and one error stops the whole
+-- script (a batch unrecorded, a maintenance pass failed): what a record says is read so that nothing
+-- it holds can raise.
+
+-- A number from a record; fastDeploy writes only finite numbers there: anything else is `default`.
+local function num(x, default)
+  local n = (type(x) == 'string' or type(x) == 'number') and tonumber(x)
+  if n and n == n and n > -math.huge and n < math.huge then return n end
+  return default
+end
+
+-- Whether a redis.pcall reply is an error (a key of another type: not written by fastDeploy).
+local function is_error(reply)
+  return type(reply) == 'table' and reply.err ~= nil
+end
+
+-- Fields of a job's (or webhook's) hash; nil where its key holds another type: not a record.
+local function record(key, ...)
+  local f = redis.pcall('HMGET', key, ...)
+  if is_error(f) then return nil end
+  return f
+end
+
+-- Whether a record's stage is one fastDeploy writes: a number in its plain form, fit for key names.
+local function is_stage(x)
+  return type(x) == 'string' and #x < 10 and string.find(x, '^%d+$') ~= nil and tostring(tonumber(x)) == x
+end
 
 local function ring_jobs(stage)
   local key = P_BELL .. stage
@@ -196,54 +242,104 @@ local function ring_results(ids)
 end
 
 local function lane(stage, owner)
-  return P_QUEUE .. stage .. ':' .. (owner or '')
+  return P_QUEUE .. (stage or '') .. ':' .. (owner or '')
 end
 
--- Take a job out of its lane; a lane left empty leaves the stage's set of lanes.
+-- Jobs queued in a lane; a key of another type there (not fastDeploy's) holds none.
+local function lane_size(stage, owner)
+  local n = redis.pcall('ZCARD', lane(stage, owner))
+  return type(n) == 'number' and n or 0
+end
+
+-- The owners with jobs queued at a stage; none where its key holds another type.
+local function lane_owners(stage)
+  local owners = redis.pcall('ZRANGE', P_LANES .. stage, 0, -1)
+  return is_error(owners) and {} or owners
+end
+
+-- Take a job out of its lane; a lane left empty leaves the stage's set of lanes. Lanes are named by
+-- records (pcall: another writer's key of another type there is left alone).
 local function dequeue(id, stage, owner)
-  local key = lane(stage, owner)
-  redis.call('ZREM', key, id)
-  if redis.call('ZCARD', key) == 0 then redis.call('ZREM', P_LANES .. stage, owner or '') end
+  redis.pcall('ZREM', lane(stage, owner), id)
+  if lane_size(stage, owner) == 0 then redis.pcall('ZREM', P_LANES .. (stage or ''), owner or '') end
 end
 
+-- ZADD to a sorted set named by a record; a key of another type there (never one of ours) is replaced,
+-- so another writer's key cannot stop an owner's jobs or a stage.
+local function zadd(key, score, member)
+  if is_error(redis.pcall('ZADD', key, score, member)) then
+    if redis.call('TYPE', key).ok ~= 'zset' then redis.call('DEL', key) end
+    redis.call('ZADD', key, score, member)  -- raises what is not about the key's type
+  end
+end
+
+-- Queue a job in its owner's lane; a priority or seq that is not a number queues it last of its priorities.
 local function enqueue(id, stage, priority, seq, owner)
-  redis.call('ZADD', lane(stage, owner), tonumber(priority) * SCORE_SCALE + tonumber(seq), id)
-  redis.call('ZADD', P_LANES .. stage, 0, owner or '')
+  zadd(lane(stage, owner), num(priority, 9) * SCORE_SCALE + num(seq, 0), id)
+  zadd(P_LANES .. stage, 0, owner or '')
   redis.call('SADD', K_STAGES, stage)
 end
 
 local function unlease(id, worker)
   redis.call('ZREM', K_LEASED, id)
-  if worker and worker ~= '' then redis.call('SREM', P_HELD .. worker, id) end
+  if worker and worker ~= '' then redis.pcall('SREM', P_HELD .. worker, id) end
+end
+
+-- One more (or one less: -1) unfinished job of an owner; a count that reaches 0 leaves the hash, and
+-- so does one that is not a number (not written here: the next recount puts it right).
+local function count_owned(owner, step)
+  local n = redis.pcall('HINCRBY', K_OWNED, owner or '', step)
+  if type(n) ~= 'number' or n <= 0 then redis.call('HDEL', K_OWNED, owner or '') end
+end
+
+-- Record a failure in the list of all and in its owner's own (bounded, and gone a while after its last failure).
+local function remember_failure(id, now, reason, owner, ttl)
+  local entry = cjson.encode({tonumber(now), id, reason})
+  local mine = P_FAILED .. (owner or '')
+  redis.call('LPUSH', K_FAILURES, entry)
+  redis.call('LTRIM', K_FAILURES, 0, FAILURES_KEPT - 1)
+  redis.pcall('LPUSH', mine, entry)  -- pcall: named by the record; another writer's key of another type stays
+  redis.pcall('LTRIM', mine, 0, FAILURES_KEPT - 1)
+  redis.pcall('EXPIRE', mine, math.max(1, math.ceil(ttl or DEFAULT_TTL)))
 end
 
 -- End a job for good (done or failed): drop its inputs, index it for expiry, queue its webhook.
 local function finalize(id, now, fields)
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'stage', 'status', 'worker', 'webhook', 'owner')
+  local f = redis.call('HMGET', jk, 'stage', 'status', 'worker', 'webhook', 'owner', 'origin')
   if f[2] == 'queued' then dequeue(id, f[1], f[5]) end
+  if f[2] == 'queued' or f[2] == 'processing' then count_owned(f[5], -1) end  -- once: it ends here
   unlease(id, f[3])
-  redis.call('HDEL', jk, 'payload', 'lease_until')
+  -- what only a queued or running job needs goes with its inputs: the hash keeps status, outcome, owner, times
+  redis.call('HDEL', jk, 'payload', 'lease_until', 'deadline', 'origin', 'webhook', 'priority', 'seq', 'n_items',
+    'attempts', 'created')
   redis.call('HSET', jk, 'worker', '', 'finished', now, unpack(fields))
-  redis.call('ZADD', K_FINISHED, now, id)
-  if fields[2] == 'failed' then
-    redis.call('LPUSH', K_FAILURES, cjson.encode({tonumber(now), id, fields[4]}))
-    redis.call('LTRIM', K_FAILURES, 0, FAILURES_KEPT - 1)
-  end
-  local ttl = tonumber(redis.call('HGET', K_CONFIG, 'result_ttl'))
-  if ttl then redis.call('PEXPIRE', jk, math.floor(ttl * 1000)) end
+  local config = redis.call('HMGET', K_CONFIG, 'result_ttl', 'waited_ttl')
+  local ttl = num(config[1], nil)
+  if ttl then ttl = math.min(ttl, MAX_KEEP) end
+  if fields[2] == 'failed' then remember_failure(id, now, fields[4], f[5], ttl) end
+  local keep = ttl  -- a result its caller waited for (/sync: it had an origin) goes sooner; a failure does not
+  if ttl and f[6] and f[6] ~= '' and fields[2] == 'done' then keep = math.min(ttl, num(config[2], ttl)) end
+  if keep then redis.call('PEXPIRE', jk, math.floor(keep * 1000)) end
+  -- the expiry index, only for what the key's own TTL does not remove: a webhook's record, or a job that
+  -- ended before an API server said how long results are kept
+  if not keep or (f[4] and f[4] ~= '') then redis.call('ZADD', K_FINISHED, now, id) end
   if f[4] and f[4] ~= '' then
-    redis.call('HSET', P_HOOK .. id, 'url', f[4], 'attempts', 0, 'status', 'pending', 'last_error', '')
+    redis.pcall('HSET', P_HOOK .. id, 'url', f[4], 'attempts', 0, 'status', 'pending', 'last_at', '')
     redis.call('ZADD', K_OUTBOX, now, id)
   end
 end
 
--- Put a leased job back in the queue, or fail it once it has cost MAX_ATTEMPTS loops.
-local function requeue(id, now, max_attempts, poison, failed, rings)
+-- Put a leased job back in the queue, or fail it once it has cost MAX_ATTEMPTS loops (or at once, as
+-- malformed, when its record has no stage fastDeploy writes: there is no queue to put it back in).
+local function requeue(id, now, max_attempts, poison, malformed, failed, rings)
   local jk = P_JOB .. id
   local f = redis.call('HMGET', jk, 'stage', 'worker', 'attempts', 'priority', 'seq', 'owner')
-  local attempts = tonumber(f[3] or '0') + 1
-  if attempts >= max_attempts then
+  local attempts = math.max(0, math.floor(num(f[3], 0))) + 1
+  if not is_stage(f[1]) then
+    finalize(id, now, {'status', 'failed', 'reason', malformed, 'error_status', '500'})
+    failed[#failed + 1] = id
+  elseif attempts >= max_attempts then
     local reason = string.gsub(poison, '{n}', tostring(attempts))
     finalize(id, now, {'status', 'failed', 'reason', reason, 'error_status', '500'})
     failed[#failed + 1] = id
@@ -257,41 +353,55 @@ local function requeue(id, now, max_attempts, poison, failed, rings)
 end
 """
 
-# ARGV[A..]: now, then (id, priority, payload, n_items, deadline, webhook, origin, owner) per job;
-# origin: the API server whose /sync request waits for the job ('' when none does).
-# Returns the count, or (writing nothing) the ids already held or repeated: the caller's JobExists.
+# ARGV[A..]: now, owner limit (0: none), then (id, priority, payload, n_items, deadline, webhook, origin, owner)
+# per job; origin: the API server whose /sync request waits for the job ('' when none does).
+# Returns the count, or (writing nothing) {'exists', ids already held or repeated} (the caller's JobExists),
+# or {'full', ids that would take their owner past the limit} (the caller's OwnerLimitReached).
 _LUA_SUBMIT = """
-local now = ARGV[A]
-local count = (#ARGV - A) / 8
-local taken, seen = {}, {}
-for i = A + 1, #ARGV, 8 do
+local now, limit = ARGV[A], tonumber(ARGV[A + 1])
+local count = (#ARGV - A - 1) / 8
+local taken, seen = {'exists'}, {}
+for i = A + 2, #ARGV, 8 do
   local id = ARGV[i]
   if seen[id] or redis.call('EXISTS', P_JOB .. id) == 1 then taken[#taken + 1] = id end
   seen[id] = true
 end
-if #taken > 0 then return taken end
+if #taken > 1 then return taken end
+if limit > 0 then
+  local over, owned = {'full'}, {}
+  for i = A + 2, #ARGV, 8 do
+    local owner = ARGV[i + 7]
+    owned[owner] = (owned[owner] or num(redis.call('HGET', K_OWNED, owner), 0)) + 1
+    if owned[owner] > limit then over[#over + 1] = ARGV[i] end
+  end
+  if #over > 1 then return over end
+end
 local last = redis.call('INCRBY', K_SEQ, count)
 local seq = last - count
-for i = A + 1, #ARGV, 8 do
+for i = A + 2, #ARGV, 8 do
   seq = seq + 1
   local id = ARGV[i]
   redis.call('HSET', P_JOB .. id, 'stage', '0', 'status', 'queued', 'priority', ARGV[i + 1], 'seq', seq,
     'payload', ARGV[i + 2], 'n_items', ARGV[i + 3], 'deadline', ARGV[i + 4], 'webhook', ARGV[i + 5],
     'origin', ARGV[i + 6], 'owner', ARGV[i + 7], 'attempts', '0', 'created', now)
   enqueue(id, '0', ARGV[i + 1], seq, ARGV[i + 7])
+  count_owned(ARGV[i + 7], 1)
 end
 ring_jobs('0')
 return count
 """
 
-# ARGV[A..]: stage, max_items, worker, now, lease_until, timed-out reason, scan limit, max lanes
-# Returns (id, payload, n_items, deadline) per claimed job, flattened.
+# ARGV[A..]: stage, max_items, worker, now, lease_until, timed-out reason, scan limit, max lanes, malformed reason,
+# longest id
+# Returns (id, payload, n_items, deadline, owner) per claimed job, flattened. A record with no payload,
+# an id outside the id grammar (jobs.is_job_id), or an item count or deadline that is not a number, fails at once: nothing but this script reads it.
 # Fair share (as fastdeploy/store/fairness.py): one job per lane (owner) per round, the lanes
 # in name order starting after the one the last claim ended with; within a lane, priority then arrival.
 _LUA_CLAIM = """
 local stage, max_items, worker = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2]
 local now, lease_until, reason, scan_limit = ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], tonumber(ARGV[A + 6])
 local max_lanes = tonumber(ARGV[A + 7])
+local MAX_ITEMS, MALFORMED, MAX_ID = 2147483647, ARGV[A + 8], tonumber(ARGV[A + 9])
 local nnow = tonumber(now)
 local lanes_key = P_LANES .. stage
 local last = redis.call('HGET', K_TURNS, stage) or ''
@@ -309,20 +419,29 @@ local ended = nil
 local function next_job(owner)
   local queue = lane(stage, owner)
   while scanned < scan_limit do
-    local ids = redis.call('ZRANGE', queue, 0, 0)
-    if #ids == 0 then
+    local ids = redis.pcall('ZRANGE', queue, 0, 0)
+    if is_error(ids) or #ids == 0 then  -- empty, or another writer's key of another type: no lane
       redis.call('ZREM', lanes_key, owner)
       return nil
     end
     local id = ids[1]
     scanned = scanned + 1
-    local f = redis.call('HMGET', P_JOB .. id, 'status', 'stage', 'n_items', 'deadline', 'payload')
+    local f = record(P_JOB .. id, 'status', 'stage', 'n_items', 'deadline', 'payload') or {}
+    local n, deadline = num(f[3], nil), false
+    if f[4] and f[4] ~= '' then deadline = num(f[4], nil) end  -- nil: not a number
     if f[1] ~= 'queued' or f[2] ~= stage then
-      redis.call('ZREM', queue, id)  -- stale index entry (expired or moved on)
-    elseif f[4] and f[4] ~= '' and tonumber(f[4]) < nnow then
+      redis.call('ZREM', queue, id)  -- stale index entry (expired, moved on, or not a job's hash)
+    elseif #id > MAX_ID or not string.find(id, '^[%w%._:%-]+$') or not n or n < 1 or n > MAX_ITEMS
+        or n ~= math.floor(n) or deadline == nil or not f[5] then
+      -- not a record fastDeploy wrote (someone else wrote into Redis): it fails alone, nothing reads it
+      finalize(id, now, {'status', 'failed', 'reason', MALFORMED, 'error_status', '500'})
+      timed_out[#timed_out + 1] = id
+    elseif deadline and deadline < nnow then
       finalize(id, now, {'status', 'failed', 'reason', reason, 'error_status', '504'})
       timed_out[#timed_out + 1] = id
     else
+      f[3] = string.format('%d', n)
+      if deadline then f[4] = string.format('%.17g', deadline) end
       return id, f
     end
   end
@@ -345,6 +464,7 @@ while #live > 0 and items < max_items do
       out[#out + 1] = f[5]
       out[#out + 1] = f[3]
       out[#out + 1] = f[4] or ''
+      out[#out + 1] = owner
       taken = taken + 1
       items = items + n
       ended = owner
@@ -358,11 +478,12 @@ ring_results(timed_out)
 return out
 """
 
-# ARGV[A..]: now, then (id, stage, kind, data, extra) per outcome;
+# ARGV[A..]: now, worker, then (id, stage, kind, data, extra) per outcome; returns the ids no other worker holds
+# at that stage (whose inputs there, uploaded files, may be deleted);
 # kind 'next' (data = payload, extra = n_items), 'done' (data = result), 'failed' (data = reason, extra = status)
 _LUA_FINISH = """
-local now = ARGV[A]
-local finished, rings, carried = {}, {}, {}
+local now, worker = ARGV[A], ARGV[A + 1]
+local finished, rings, carried, free = {}, {}, {}, {}
 local function tell(origin, id, entry)
   if origin and origin ~= '' then  -- straight to the API server that waits, outcome included
     carried[origin] = carried[origin] or {}
@@ -371,10 +492,13 @@ local function tell(origin, id, entry)
     finished[#finished + 1] = id
   end
 end
-for i = A + 1, #ARGV, 5 do
+for i = A + 2, #ARGV, 5 do
   local id, stage, kind, data, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin', 'owner')
+  local f = record(jk, 'status', 'stage', 'worker', 'priority', 'seq', 'origin', 'owner') or {}  -- {}: not a job
+  if not (f[1] == 'processing' and f[2] == stage and f[3] and f[3] ~= '' and f[3] ~= worker) then
+    free[#free + 1] = id  -- no other loop holds it at this stage: its inputs there may go
+  end
   if (f[1] == 'processing' or f[1] == 'queued') and f[2] == stage then
     if kind == 'next' then
       if f[1] == 'queued' then dequeue(id, stage, f[7]) end
@@ -398,7 +522,7 @@ ring_results(finished)
 for origin, entries in pairs(carried) do
   redis.call('PUBLISH', CH_RESULTS .. ':' .. origin, '\1' .. cmsgpack.pack(entries))
 end
-return #finished
+return free
 """
 
 # ARGV[A..]: now, reason, error status, status, running ('1': jobs being predicted too), then the ids
@@ -407,7 +531,7 @@ local now, reason, error_status, status, running = ARGV[A], ARGV[A + 1], ARGV[A 
 local cancelled = {}
 for i = A + 5, #ARGV do
   local id = ARGV[i]
-  local current = redis.call('HGET', P_JOB .. id, 'status')
+  local current = redis.pcall('HGET', P_JOB .. id, 'status')  -- an error reply (not a job's hash) is neither
   if current == 'queued' or (running == '1' and current == 'processing') then
     finalize(id, now, {'status', status, 'reason', reason, 'error_status', error_status})
     cancelled[#cancelled + 1] = id
@@ -417,17 +541,18 @@ ring_results(cancelled)
 return cancelled
 """
 
-# ARGV[A..]: mode, now, max_attempts, poison reason template, then
+# ARGV[A..]: mode, now, max_attempts, poison reason template, malformed reason, then
 #   mode 'worker': worker id, seen cutoff ('' = release unconditionally)
 #   mode 'lapsed': job ids whose lease may have run out
-# Returns how many jobs were taken back (requeued or failed as poison).
+# Returns how many jobs were taken back (requeued, or failed as poison or malformed).
 _LUA_REQUEUE = """
 local mode, now, max_attempts, poison = ARGV[A], ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
+local malformed = ARGV[A + 4]
 local nnow = tonumber(now)
 local failed, rings = {}, {}
 local count = 0
 if mode == 'worker' then
-  local worker, cutoff = ARGV[A + 4], ARGV[A + 5]
+  local worker, cutoff = ARGV[A + 5], ARGV[A + 6]
   if cutoff ~= '' then
     local seen = redis.call('ZSCORE', K_SEEN, worker)
     if seen and tonumber(seen) >= tonumber(cutoff) then return -1 end  -- it heartbeated meanwhile
@@ -436,21 +561,21 @@ if mode == 'worker' then
   redis.call('ZREM', K_SEEN, worker)
   local held = P_HELD .. worker
   for _, id in ipairs(redis.call('SMEMBERS', held)) do
-    local f = redis.call('HMGET', P_JOB .. id, 'status', 'worker')
+    local f = record(P_JOB .. id, 'status', 'worker') or {}
     if f[1] == 'processing' and f[2] == worker then
-      requeue(id, now, max_attempts, poison, failed, rings)
+      requeue(id, now, max_attempts, poison, malformed, failed, rings)
       count = count + 1
     end
   end
   redis.call('DEL', held)
 else
-  for i = A + 4, #ARGV do
+  for i = A + 5, #ARGV do
     local id = ARGV[i]
-    local f = redis.call('HMGET', P_JOB .. id, 'status', 'lease_until')
+    local f = record(P_JOB .. id, 'status', 'lease_until') or {}
     if f[1] ~= 'processing' then
-      redis.call('ZREM', K_LEASED, id)  -- stale index entry
-    elseif f[2] and f[2] ~= '' and tonumber(f[2]) < nnow then
-      requeue(id, now, max_attempts, poison, failed, rings)
+      redis.call('ZREM', K_LEASED, id)  -- stale index entry (or not a job's hash)
+    elseif num(f[2], 0) < nnow then  -- a lease that is not a number has run out
+      requeue(id, now, max_attempts, poison, malformed, failed, rings)
       count = count + 1
     end
   end
@@ -468,7 +593,7 @@ redis.call('ZADD', K_SEEN, seen, worker)
 local held = P_HELD .. worker
 for _, id in ipairs(redis.call('SMEMBERS', held)) do
   local jk = P_JOB .. id
-  local f = redis.call('HMGET', jk, 'status', 'worker')
+  local f = record(jk, 'status', 'worker') or {}
   if f[1] == 'processing' and f[2] == worker then
     redis.call('HSET', jk, 'lease_until', lease_until)
     redis.call('ZADD', K_LEASED, lease_until, id)
@@ -490,13 +615,22 @@ end
 return #ids
 """
 
-# ARGV[A..]: now, lease_until, limit. Returns (id, url, attempts) per leased delivery, flattened.
+# ARGV[A..]: now, lease_until, limit, longest id. Returns (id, url, attempts) per leased delivery, flattened;
+# an entry with an id outside the id grammar or a non-numeric attempt count is dropped.
 _LUA_CLAIM_WEBHOOKS = """
 local ids = redis.call('ZRANGEBYSCORE', K_OUTBOX, '-inf', ARGV[A], 'LIMIT', 0, tonumber(ARGV[A + 2]))
 local out = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', P_HOOK .. id, 'url', 'attempts')
-  if f[1] then
+  local f = record(P_HOOK .. id, 'url', 'attempts')
+  local attempts = f and num(f[2] or '0', nil)
+  if not f or (f[1] and (#id > tonumber(ARGV[A + 3]) or not string.find(id, '^[%w%._:%-]+$') or not attempts
+               or attempts ~= math.floor(attempts) or attempts < 0 or attempts > 1000000)) then
+    -- not written by fastDeploy (or its key holds another type): dropped before its id becomes a log
+    -- field or its URL is read
+    redis.call('ZREM', K_OUTBOX, id)
+    redis.call('DEL', P_HOOK .. id)
+  elseif f[1] then
+    f[2] = string.format('%d', attempts)
     redis.call('ZADD', K_OUTBOX, ARGV[A + 1], id)
     out[#out + 1] = id
     out[#out + 1] = f[1]
@@ -508,25 +642,25 @@ end
 return out
 """
 
-# ARGV[A..]: job id, next attempt time
+# ARGV[A..]: job id, next attempt time, now
 _LUA_WEBHOOK_RETRY = """
 local id = ARGV[A]
-if redis.call('HGET', P_HOOK .. id, 'status') == 'pending' then
-  redis.call('HINCRBY', P_HOOK .. id, 'attempts', 1)
-  redis.call('HSET', P_HOOK .. id, 'last_error', ARGV[A + 2])
+local f = record(P_HOOK .. id, 'status', 'attempts') or {}
+if f[1] == 'pending' then
+  redis.call('HSET', P_HOOK .. id, 'attempts', num(f[2], 0) + 1, 'last_at', ARGV[A + 2])
   redis.call('ZADD', K_OUTBOX, ARGV[A + 1], id)
 end
 return 1
 """
 
-# ARGV[A..]: job id, final status (delivered or failed), error. Takes the webhook out of the outbox for good.
+# ARGV[A..]: job id, final status (delivered or failed), now. Takes the webhook out of the outbox for good.
 _LUA_WEBHOOK_END = """
 local id = ARGV[A]
 redis.call('ZREM', K_OUTBOX, id)
-if redis.call('HGET', P_HOOK .. id, 'status') == 'pending' then
-  redis.call('HINCRBY', K_TALLIES, 'webhooks_' .. ARGV[A + 1], 1)
-  redis.call('HINCRBY', P_HOOK .. id, 'attempts', 1)
-  redis.call('HSET', P_HOOK .. id, 'status', ARGV[A + 1], 'last_error', ARGV[A + 2])
+local f = record(P_HOOK .. id, 'status', 'attempts') or {}
+if f[1] == 'pending' then
+  redis.pcall('HINCRBY', K_TALLIES, 'webhooks_' .. ARGV[A + 1], 1)  -- a tally that is not a number stays as it is
+  redis.call('HSET', P_HOOK .. id, 'status', ARGV[A + 1], 'attempts', num(f[2], 0) + 1, 'last_at', ARGV[A + 2])
 end
 return 1
 """
@@ -535,43 +669,136 @@ return 1
 _LUA_UNFINISHED = """
 local total = redis.call('ZCARD', K_LEASED)
 for _, stage in ipairs(redis.call('SMEMBERS', K_STAGES)) do
-  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
-    total = total + redis.call('ZCARD', lane(stage, owner))
-  end
+  for _, owner in ipairs(lane_owners(stage)) do total = total + lane_size(stage, owner) end
 end
 return total
 """
 
-# Returns (owner, count) pairs, flattened: jobs queued or processing per owner.
-_LUA_BY_OWNER = """
-local counts = {}
+# ARGV[A..]: phase, cursor, owners to look at, most leased jobs to read. Puts right the per-owner counts
+# the submit script checks the per-key bound against (kept in step job by job) for about that many owners,
+# going on where the last call stopped; over the calls every owner is looked at: those with a count
+# (phase 0, HSCAN), those with jobs queued at each stage (phases 1..#stages, the lanes in name order),
+# those with jobs leased (the last phase). So whatever went astray (jobs an earlier version wrote, keys
+# deleted or evicted by hand) heals, at a bounded cost per call however many owners there are. An owner
+# is recounted whole in one call (its lanes and leases), so its count is exact; while more jobs are leased
+# than may be read, a count is only moved into the range its lanes and the number leased allow.
+# Returns {phase, cursor} for the next call.
+_LUA_RECOUNT = """
+local phase, cursor, budget, leased_max = tonumber(ARGV[A]), ARGV[A + 1], tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+local stages = redis.call('SMEMBERS', K_STAGES)
+table.sort(stages)
+local n_leased = redis.call('ZCARD', K_LEASED)
+local leased = nil
+
+-- owner -> its leased jobs, read once per call; nil while too many are leased to read them all
+local function leased_by_owner()
+  if n_leased > leased_max then return nil end
+  if not leased then
+    leased = {}
+    for _, id in ipairs(redis.call('ZRANGE', K_LEASED, 0, -1)) do
+      local owner = redis.pcall('HGET', P_JOB .. id, 'owner')
+      if type(owner) == 'string' then leased[owner] = (leased[owner] or 0) + 1 end
+    end
+  end
+  return leased
+end
+
+local function put_right(owner)
+  local queued = 0
+  for _, stage in ipairs(stages) do queued = queued + lane_size(stage, owner) end
+  local raw = redis.call('HGET', K_OWNED, owner)
+  local have = num(raw, nil)
+  local by_owner = leased_by_owner()
+  local want
+  if by_owner then want = queued + (by_owner[owner] or 0)
+  else want = math.max(queued, math.min(math.floor(have or 0), queued + n_leased)) end
+  if want > 0 and want ~= have then redis.call('HSET', K_OWNED, owner, want)
+  elseif want <= 0 and raw then redis.call('HDEL', K_OWNED, owner) end
+end
+
+local looked = 0
+while looked < budget do
+  local owners, next_phase, next_cursor = {}, phase, cursor
+  if phase == 0 then
+    local reply = redis.call('HSCAN', K_OWNED, cursor, 'COUNT', budget - looked)
+    for i = 1, #reply[2], 2 do owners[#owners + 1] = reply[2][i] end
+    if reply[1] == '0' then next_phase, next_cursor = 1, '-' else next_cursor = reply[1] end
+  elseif phase <= #stages then
+    local reply = redis.pcall('ZRANGEBYLEX', P_LANES .. stages[phase], cursor, '+', 'LIMIT', 0, budget - looked)
+    if not is_error(reply) then owners = reply end
+    if #owners < budget - looked then next_phase, next_cursor = phase + 1, '-'
+    else next_cursor = '(' .. owners[#owners] end
+  else
+    for owner, _ in pairs(leased_by_owner() or {}) do owners[#owners + 1] = owner end
+    next_phase, next_cursor = 0, '0'
+  end
+  for _, owner in ipairs(owners) do put_right(owner) end
+  looked = looked + #owners + 1  -- a step that found nobody counts too: every call ends
+  phase, cursor = next_phase, next_cursor
+  if phase == 0 and cursor == '0' then break end  -- back at the start: one round at most per call
+end
+return {phase, cursor}
+"""
+
+# ARGV[A..]: number of stages. Returns the jobs queued at each stage (every lane).
+# ARGV[A..]: batch. Moves up to that many jobs from the per-stage queues of versions before fair share
+# (one zset per stage, PREFIX:queue:STAGE) into their owners' lanes, score kept; returns how many moved.
+_LUA_UPGRADE = """
+local batch, moved = tonumber(ARGV[A]), 0
 for _, stage in ipairs(redis.call('SMEMBERS', K_STAGES)) do
-  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
-    counts[owner] = (counts[owner] or 0) + redis.call('ZCARD', lane(stage, owner))
+  local old = P_QUEUE .. stage
+  if moved < batch and redis.call('TYPE', old).ok == 'zset' then
+    local entries = redis.call('ZRANGE', old, 0, batch - moved - 1, 'WITHSCORES')
+    for i = 1, #entries, 2 do
+      local id = entries[i]
+      local owner = redis.pcall('HGET', P_JOB .. id, 'owner')
+      if type(owner) ~= 'string' then owner = '' end  -- none, or not a job's hash (its claim drops it)
+      zadd(lane(stage, owner), entries[i + 1], id)
+      zadd(P_LANES .. stage, 0, owner)
+      redis.call('ZREM', old, id)
+      moved = moved + 1
+    end
+    if #entries > 0 then ring_jobs(stage) end
   end
 end
-for _, id in ipairs(redis.call('ZRANGE', K_LEASED, 0, -1)) do
-  local owner = redis.call('HGET', P_JOB .. id, 'owner')
-  if owner then counts[owner] = (counts[owner] or 0) + 1 end
+return moved
+"""
+
+# ARGV[A..]: job id, SHA-1 of the payload read, the payload to write. Writes it only if the job's
+# payload is still the one read (nothing claimed and moved it on meanwhile); returns 1 when written.
+_LUA_SET_PAYLOAD = """
+local jk = P_JOB .. ARGV[A]
+local current = redis.call('HGET', jk, 'payload')
+if current and redis.sha1hex(current) == ARGV[A + 1] then
+  redis.call('HSET', jk, 'payload', ARGV[A + 2])
+  return 1
 end
+return 0
+"""
+
+# ARGV[A..]: owner, then ids. Per id: its view's fields and its webhook's (status, result, reason,
+# error_status, owner, hook status, attempts, last_at) when it exists and is that owner's; else false.
+_LUA_GET_OWNED = """
 local out = {}
-for owner, n in pairs(counts) do
-  if n > 0 then
-    out[#out + 1] = owner
-    out[#out + 1] = n
+for i = A + 1, #ARGV do
+  local id = ARGV[i]
+  local job = record(P_JOB .. id, 'owner')  -- nil: a key of another type, nobody's job
+  if job and (job[1] == ARGV[A] or (not job[1] and ARGV[A] == '')) then
+    local f = redis.call('HMGET', P_JOB .. id, 'status', 'result', 'reason', 'error_status', 'owner')
+    local h = record(P_HOOK .. id, 'status', 'attempts', 'last_at') or {false, false, false}
+    out[#out + 1] = f[1] and {f[1], f[2], f[3], f[4], f[5], h[1], h[2], h[3]} or false
+  else
+    out[#out + 1] = false
   end
 end
 return out
 """
 
-# ARGV[A..]: number of stages. Returns the jobs queued at each stage (every lane).
 _LUA_DEPTHS = """
 local depths = {}
 for stage = 0, tonumber(ARGV[A]) - 1 do
   local total = 0
-  for _, owner in ipairs(redis.call('ZRANGE', P_LANES .. stage, 0, -1)) do
-    total = total + redis.call('ZCARD', lane(stage, owner))
-  end
+  for _, owner in ipairs(lane_owners(stage)) do total = total + lane_size(stage, owner) end
   depths[#depths + 1] = total
 end
 return depths
@@ -581,10 +808,14 @@ return depths
 CONNECT_TIMEOUT = 2.0  # seconds to open a connection before giving up
 SOCKET_TIMEOUT = 5.0  # seconds any reply may take
 MAX_BELL_WAIT = 2.0  # longest single BLPOP / pub/sub wait (well under SOCKET_TIMEOUT)
+MALFORMED_REASON = "the job's record in Redis is malformed (it was not written by fastDeploy)"
+_SIGNED_MARK = "signed_records"  # config field: the payloads of earlier versions were signed for their jobs
 CLAIM_SCAN_LIMIT = 10_000  # most queue entries one claim looks at (bounds the script's run time)
 MAX_LANES = 64  # owners one claim takes turns between (the next claim goes on from there)
 MAINTAIN_BATCH = 1_000  # ids handled per maintenance script call
 MAINTAIN_ROUNDS = 20  # most script calls per kind in one maintain(): bounds how long it holds the API's store thread
+RECOUNT_BATCH = 128  # owners whose per-key counts one maintain() recounts (each one read per stage)
+RECOUNT_LEASED = 1_000  # most leased jobs a recount reads the owner of (beyond: counts are only kept in range)
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -602,14 +833,60 @@ def _split_url(url: str) -> tuple[str, str]:
 
 
 def _webhook_state(fields: Sequence[Any]) -> Optional[WebhookState]:
-    status, attempts, error = fields
+    status, attempts, last_at = fields
     if status is None:
         return None
-    return WebhookState(_text(status), int(attempts or 0), _text(error) if error else None)
+    return WebhookState(_text(status), int(attempts or 0), _time(last_at))
 
 
-def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+def _time(raw: Any) -> Optional[float]:
+    """A Unix time the store holds, or None when it holds none (or something else: Redis is untrusted)."""
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _view(job_id: str, status: bytes, result: Optional[bytes], reason: Optional[bytes], error_status: Optional[bytes],
+          owner: Optional[bytes], hook: Sequence[Any]) -> JobView:
+    """A job hash as /result shows it; a hash that fastDeploy did not write (someone else wrote into
+    Redis) shows as failed with that reason, never as an error of the reader."""
+    try:
+        return JobView(job_id, JobStatus(_text(status)), result, None if reason is None else _text(reason),
+                       int(error_status) if error_status else 500, "" if owner is None else _text(owner),
+                       _webhook_state(hook))
+    except ValueError:  # UnicodeDecodeError included
+        return JobView(job_id, JobStatus.FAILED, None, MALFORMED_REASON, 500,
+                       "" if owner is None else owner.decode("utf-8", "replace"))
+
+
+def _state(status: bytes, owner: Optional[bytes]) -> JobState:
+    """A job hash's status and owner; one fastDeploy did not write reads as failed, as in ``_view``."""
+    owner_text = "" if owner is None else owner.decode("utf-8", "replace")
+    try:
+        return JobState(JobStatus(status.decode()), owner_text)
+    except ValueError:  # UnicodeDecodeError included
+        return JobState(JobStatus.FAILED, owner_text)
+
+
+def _fields(reply: Any, count: int) -> list[Any]:
+    """An HMGET reply of a pipeline run with ``raise_on_error=False``: a key of another type (not a record
+    fastDeploy wrote; anyone who can write to Redis may put one there) reads as no record; any other
+    error is raised."""
+    if isinstance(reply, redis.ResponseError):
+        if not str(reply).startswith("WRONGTYPE"):
+            raise reply
+        return [None] * count
+    return list(reply)
+
+
+def _count(raw: Any) -> int:
+    """A counter the store keeps; 0 for a value that is not a whole number (not written by fastDeploy)."""
+    try:
+        return max(0, int(raw or 0))
+    except ValueError:
+        return 0
 
 
 def _same_time(stored: Any, at: float) -> bool:
@@ -662,9 +939,13 @@ class RedisStore(Store):
         self._end_hook = register(_LUA_PRELUDE + _LUA_WEBHOOK_END)
         self._unfinished = register(_LUA_PRELUDE + _LUA_UNFINISHED)
         self._depths = register(_LUA_PRELUDE + _LUA_DEPTHS)
-        self._by_owner = register(_LUA_PRELUDE + _LUA_BY_OWNER)
+        self._recount = register(_LUA_PRELUDE + _LUA_RECOUNT)
+        self._upgrade = register(_LUA_PRELUDE + _LUA_UPGRADE)
+        self._set_payload = register(_LUA_PRELUDE + _LUA_SET_PAYLOAD)
+        self._get_owned = register(_LUA_PRELUDE + _LUA_GET_OWNED)
         self._script_keys = self.keys.script_keys()
         self._prefixes = self.keys.script_prefixes()
+        self._recount_at: tuple[int, bytes] = (0, b"0")  # where the next recount step goes on (phase, cursor)
 
     def _unavailable(self, operation: str, exc: BaseException) -> StoreUnavailable:
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
@@ -682,45 +963,64 @@ class RedisStore(Store):
             pass
 
     # -- API side -------------------------------------------------------------
-    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True, owner_limit: int = 0) -> bool:
         if not block:
             return False  # every write goes over the network: never on an event loop
         if not jobs:
             return True
-        args: list[Any] = [repr(time.time())]
+        args: list[Any] = [repr(time.time()), max(0, int(owner_limit))]
         for job in jobs:
             deadline = "" if job.deadline is None else repr(float(job.deadline))
             args += [job.id, int(job.priority), job.payload, int(job.n_items), deadline, job.webhook or "",
                      job.origin or "", job.owner]
-        taken = self._run(self._submit, *args)
-        if isinstance(taken, list):  # ids the store holds (or the batch repeats): nothing was written
-            raise JobExists([_text(i) for i in taken])
+        refused = self._run(self._submit, *args)
+        if isinstance(refused, list):  # nothing was written
+            kind, ids = _text(refused[0]), [_text(i) for i in refused[1:]]
+            if kind == "full":  # ids that would take their owner past the bound
+                raise OwnerLimitReached(ids, int(owner_limit))
+            raise JobExists(ids)  # ids the store holds (or the batch repeats)
         return True
 
-    def get(self, ids: Sequence[str]) -> dict[str, JobView]:
+    def get(self, ids: Sequence[str], owner: Optional[str] = None) -> dict[str, JobView]:
+        if owner is not None:  # the owner is checked in Redis: another owner's result never travels here
+            return self._owned_views(ids, owner)
         views: dict[str, JobView] = {}
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             pipe = self._redis.pipeline(transaction=False)
             for job_id in chunk:
                 pipe.hmget(self.keys.job(job_id), "status", "result", "reason", "error_status", "owner")
-                pipe.hmget(self.keys.hook(job_id), "status", "attempts", "last_error")
-            replies = pipe.execute()
-            for job_id, (status, result, reason, error_status, owner), hook in zip(
-                chunk, replies[0::2], replies[1::2]
-            ):
-                if status is None:
-                    continue
-                views[job_id] = JobView(
-                    job_id,
-                    JobStatus(_text(status)),
-                    result,
-                    None if reason is None else _text(reason),
-                    int(error_status) if error_status else 500,
-                    "" if owner is None else _text(owner),
-                    _webhook_state(hook),
-                )
+                pipe.hmget(self.keys.hook(job_id), "status", "attempts", "last_at")
+            replies = pipe.execute(raise_on_error=False)
+            for job_id, job, hook in zip(chunk, replies[0::2], replies[1::2]):
+                status, result, reason, error_status, whose = _fields(job, 5)
+                if status is not None:
+                    views[job_id] = _view(job_id, status, result, reason, error_status, whose, _fields(hook, 3))
         return views
+
+    def _owned_views(self, ids: Sequence[str], owner: str) -> dict[str, JobView]:
+        views: dict[str, JobView] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            replies = self._run(self._get_owned, owner, *chunk)
+            for job_id, reply in zip(chunk, replies):
+                if reply:
+                    f: list[Any] = list(reply)
+                    views[job_id] = _view(job_id, f[0], f[1], f[2], f[3], f[4], f[5:8])
+        return views
+
+    def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        states: dict[str, JobState] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.hmget(self.keys.job(job_id), "status", "owner")
+            for job_id, job in zip(chunk, pipe.execute(raise_on_error=False)):
+                status, owner = _fields(job, 2)
+                if status is not None:
+                    states[job_id] = _state(status, owner)
+        return states
 
     def cancel(
         self, ids: Sequence[str], reason: str, error_status: int, *, status: JobStatus = JobStatus.FAILED,
@@ -732,7 +1032,10 @@ class RedisStore(Store):
         return [_text(i) for i in self._run(self._cancel, *args)]
 
     def unfinished_by_owner(self) -> dict[str, int]:
-        return {_text(owner): int(n) for owner, n in _pairs(self._run(self._by_owner))}
+        """The counts the submit script keeps per owner: one read, however many lanes (counting the lanes
+        and leases here cost a command per lane and per leased job, twice a second per API server)."""
+        counts: dict[bytes, bytes] = self._redis.hgetall(self.keys.owned)  # type: ignore[assignment]
+        return {owner.decode("utf-8", "replace"): _count(n) for owner, n in counts.items() if _count(n) > 0}
 
     def unfinished(self) -> int:
         return int(self._run(self._unfinished))
@@ -745,20 +1048,19 @@ class RedisStore(Store):
         now = time.time()
         flat = self._run(
             self._claim, stage, int(max_items), worker_id, repr(now), repr(now + lease_seconds), TIMED_OUT_REASON,
-            CLAIM_SCAN_LIMIT, MAX_LANES,
+            CLAIM_SCAN_LIMIT, MAX_LANES, MALFORMED_REASON, MAX_JOB_ID,
         )
         claimed = []
-        for i in range(0, len(flat), 4):
-            job_id, payload, n_items, deadline = flat[i : i + 4]
-            claimed.append(
-                ClaimedJob(_text(job_id), stage, payload, int(n_items), float(deadline) if deadline else None)
-            )
+        for i in range(0, len(flat), 5):
+            job_id, payload, n_items, deadline, owner = flat[i : i + 5]
+            claimed.append(ClaimedJob(
+                _text(job_id), stage, payload, int(n_items), float(deadline) if deadline else None, _text(owner)))
         return claimed
 
-    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
+    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> list[str]:
         if not outcomes:
-            return
-        args: list[Any] = [repr(time.time())]
+            return []
+        args: list[Any] = [repr(time.time()), worker_id]
         for out in outcomes:
             if out.payload is not None:
                 args += [out.id, out.stage, "next", out.payload, int(out.n_items)]
@@ -766,7 +1068,7 @@ class RedisStore(Store):
                 args += [out.id, out.stage, "done", out.result, ""]
             else:
                 args += [out.id, out.stage, "failed", out.reason or "failed", int(out.error_status)]
-        self._run(self._finish, *args)
+        return [_text(job_id) for job_id in self._run(self._finish, *args)]
 
     # -- workers --------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
@@ -794,12 +1096,16 @@ class RedisStore(Store):
 
     def _release(self, worker_id: str, cutoff: str) -> int:
         return int(self._run(
-            self._requeue, "worker", repr(time.time()), MAX_ATTEMPTS, POISON_REASON, worker_id, cutoff,
+            self._requeue, "worker", repr(time.time()), MAX_ATTEMPTS, POISON_REASON, MALFORMED_REASON, worker_id, cutoff,
         ))
 
     # -- maintenance ----------------------------------------------------------
-    def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
-        self._redis.hset(self.keys.config, "result_ttl", repr(float(result_ttl)))
+    def maintain(
+        self, now: float, result_ttl: float, worker_timeout: float, waited_ttl: Optional[float] = None,
+    ) -> None:
+        waited = result_ttl if waited_ttl is None else min(waited_ttl, result_ttl)
+        self._redis.hset(self.keys.config, mapping={"result_ttl": repr(float(result_ttl)),
+                                                    "waited_ttl": repr(float(waited))})
         cutoff = now - worker_timeout
         for raw in self._redis.zrangebyscore(self.keys.seen, "-inf", f"({cutoff!r}"):
             worker_id = _text(raw)
@@ -808,18 +1114,76 @@ class RedisStore(Store):
         for _ in range(MAINTAIN_ROUNDS):
             lapsed = self._redis.zrangebyscore(self.keys.leased, "-inf", f"({now!r}", start=0, num=MAINTAIN_BATCH)
             if lapsed:
-                self._run(self._requeue, "lapsed", repr(now), MAX_ATTEMPTS, POISON_REASON, *lapsed)
+                self._run(self._requeue, "lapsed", repr(now), MAX_ATTEMPTS, POISON_REASON, MALFORMED_REASON, *lapsed)
             if len(lapsed) < MAINTAIN_BATCH:
                 break
         for _ in range(MAINTAIN_ROUNDS):  # the rest waits for the next call
             if int(self._run(self._expire, repr(now - result_ttl), MAINTAIN_BATCH)) < MAINTAIN_BATCH:
                 break
+        self._recount_step()
+
+    def _recount_step(self) -> None:
+        """Put right the per-owner counts of the next RECOUNT_BATCH owners or so (the script's comment says
+        how): bounded work per call however many owners there are; every owner's turn comes round."""
+        phase, cursor = self._recount_at
+        reply = self._run(self._recount, phase, cursor, RECOUNT_BATCH, RECOUNT_LEASED)
+        self._recount_at = (int(reply[0]), bytes(reply[1]))
 
     # -- webhook outbox -------------------------------------------------------
+    def upgrade(self, resign: Optional[Resign] = None) -> int:
+        """Queue again, in their owners' lanes, the jobs an earlier version queued per stage (a Redis
+        upgraded under queued jobs), then sign the payloads of unfinished jobs the way this version
+        checks them (``resign``; once per Redis: a mark in the config hash says it is done). Safe
+        from many processes at once: each job moves once, and a payload is rewritten only if unchanged."""
+        moved = 0
+        while count := int(self._run(self._upgrade, MAINTAIN_BATCH)):
+            moved += count
+        if moved:
+            log.info("queued %d job(s) left in the queues of an earlier fastDeploy version", moved)
+        signed = 0
+        if resign is not None and self._redis.hget(self.keys.config, _SIGNED_MARK) is None:
+            signed = self._resign(resign)
+            self._redis.hset(self.keys.config, _SIGNED_MARK, "1")
+            if signed:
+                log.info("signed %d queued job(s) of an earlier fastDeploy version for their jobs", signed)
+        return moved + signed
+
+    def _unfinished_ids(self) -> list[str]:
+        """Ids of every job queued (in any lane of any stage) or leased."""
+        raw: list[Any] = list(self._redis.zrange(self.keys.leased, 0, -1))
+        stages: Any = self._redis.smembers(self.keys.stages)
+        for stage in stages:
+            lanes: Any = self._redis.zrange(self.keys.lanes_prefix.encode() + stage, 0, -1)
+            for owner in lanes:
+                raw += self._redis.zrange(self.keys.queue_prefix.encode() + stage + b":" + owner, 0, -1)
+        ids = {bytes(value).decode("utf-8", "replace") for value in raw}
+        return sorted(job_id for job_id in ids if is_job_id(job_id))
+
+    def _resign(self, resign: Resign) -> int:
+        changed = 0
+        ids = self._unfinished_ids()
+        for start in range(0, len(ids), 200):
+            chunk = ids[start : start + 200]
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.hmget(self.keys.job(job_id), "status", "stage", "owner", "n_items", "payload")
+            for job_id, job in zip(chunk, pipe.execute(raise_on_error=False)):
+                status, stage, owner, n_items, payload = _fields(job, 5)
+                if status not in (b"queued", b"processing") or not payload:
+                    continue
+                try:
+                    binding = Binding(job_id, int(stage), (owner or b"").decode(), int(n_items))
+                except (TypeError, ValueError):  # not a record fastDeploy wrote: its claim fails it
+                    continue
+                new = resign(payload, binding)
+                if new is not None and self._run(self._set_payload, job_id, hashlib.sha1(payload).hexdigest(), new):
+                    changed += 1
+        return changed
+
     def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
         now = time.time()
-        flat = self._run(self._claim_hooks, repr(now), repr(now + lease_seconds), int(limit))
-        pending = [(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
+        flat = self._run(self._claim_hooks, repr(now), repr(now + lease_seconds), int(limit), MAX_JOB_ID)
+        pending = [(_text(flat[i]), flat[i + 1].decode("utf-8", "replace"), int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not pending:
             return []
         views = self.get([job_id for job_id, _, _ in pending])
@@ -827,30 +1191,28 @@ class RedisStore(Store):
         for job_id, url, attempts in pending:
             view = views.get(job_id)
             if view is None or not view.status.finished:  # the result expired: nothing left to send
-                self.webhook_failed(job_id, "the job's result expired before the webhook could be delivered")
+                log.info("webhook for %s given up: the job's result expired before it could be delivered", job_id)
+                self.webhook_failed(job_id)
                 continue
             body = result_document(job_id, view.status, view.result, view.reason)
             deliveries.append(WebhookDelivery(job_id, url, body, attempts))
         return deliveries
 
     def webhook_delivered(self, job_id: str) -> None:
-        self._run(self._end_hook, job_id, "delivered", "")
+        self._run(self._end_hook, job_id, "delivered", repr(time.time()))
 
-    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
-        self._run(self._retry_hook, job_id, repr(float(next_attempt_at)), error)
+    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
+        self._run(self._retry_hook, job_id, repr(float(next_attempt_at)), repr(time.time()))
 
-    def webhook_failed(self, job_id: str, error: str) -> None:
-        self._run(self._end_hook, job_id, "failed", error)
+    def webhook_failed(self, job_id: str) -> None:
+        self._run(self._end_hook, job_id, "failed", repr(time.time()))
 
     # -- what an operator sees -------------------------------------------------
-    def recent_failures(self, limit: int) -> list[Failure]:
-        entries = []
-        for raw in self._redis.lrange(self.keys.failures, 0, max(0, limit - 1)):
-            try:
-                at, job_id, reason, *_ = orjson.loads(raw)
-                entries.append((float(at), str(job_id), str(reason)))
-            except (orjson.JSONDecodeError, TypeError, ValueError):
-                log.warning("skipped an unreadable entry in %s", self.keys.failures)
+    def recent_failures(self, limit: int, owner: Optional[str] = None) -> list[Failure]:
+        if owner is not None:  # the owner's own list: entries are its by where they are
+            return [Failure(at, job_id, reason, owner)
+                    for at, job_id, reason in self._failure_entries(self.keys.failed(owner), limit)]
+        entries = self._failure_entries(self.keys.failures, limit)
         # each job's owner from the job itself (the entries keep the format every version reads),
         # if it is still the job that failed then: an expired job has no owner, and an id used
         # again since belongs to another job (it finished at another time, or not yet), so the
@@ -858,16 +1220,28 @@ class RedisStore(Store):
         with self._redis.pipeline(transaction=False) as pipe:
             for _, job_id, _ in entries:
                 pipe.hmget(self.keys.job(job_id), "owner", "finished")
-            jobs = pipe.execute()
-        return [Failure(at, job_id, reason, _text(owner) if owner and _same_time(finished, at) else "")
+            jobs = [_fields(job, 2) for job in pipe.execute(raise_on_error=False)]
+        return [Failure(at, job_id, reason,
+                        owner.decode("utf-8", "replace") if owner and _same_time(finished, at) else "")
                 for (at, job_id, reason), (owner, finished) in zip(entries, jobs)]
+
+    def _failure_entries(self, key: str, limit: int) -> list[tuple[float, str, str]]:
+        """The newest ``limit`` entries of a failures list; an unreadable one is skipped."""
+        entries = []
+        for raw in self._redis.lrange(key, 0, max(0, limit - 1)):
+            try:
+                at, job_id, reason, *_ = orjson.loads(raw)
+                entries.append((float(at), str(job_id), str(reason)))
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                log.warning("skipped an unreadable entry in %s", key)
+        return entries
 
     def outbox(self) -> Outbox:
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.outbox)
             pipe.hmget(self.keys.tallies, "webhooks_delivered", "webhooks_failed")
             pending, (delivered, failed) = pipe.execute()
-        return Outbox(int(pending), int(delivered or 0), int(failed or 0))
+        return Outbox(int(pending), _count(delivered), _count(failed))
 
     # -- for tests and operators ------------------------------------------------
     def delete_all(self) -> int:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from fastdeploy.bodies import result_document
-from fastdeploy.errors import JobExists, StoreUnavailable
-from fastdeploy.jobs import TIMED_OUT_REASON, ClaimedJob, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
+from fastdeploy.errors import JobExists, OwnerLimitReached, StoreUnavailable
+from fastdeploy.jobs import TIMED_OUT_REASON, Binding, ClaimedJob, JobState, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.state_folder import create_state_folder
-from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Store, WebhookDelivery
+from fastdeploy.store.base import MAX_ATTEMPTS, POISON_REASON, Failure, Outbox, Resign, Store, WebhookDelivery
 from fastdeploy.store.fairness import WeighedJob, fair_share
 from fastdeploy.store.local_doorbell import API_ROLE, MAX_DATAGRAM, Bells, bell_folder, stage_role
 from fastdeploy.store.news import id_messages, outcome_entry, outcome_messages
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     n_items INTEGER NOT NULL,
     deadline REAL,
     webhook TEXT,
-    origin TEXT,  -- the bell of the API server whose /sync request waits for this job
+    origin TEXT,  -- the bell of the API server whose /sync request waits for this job; '' once it ended
     owner TEXT NOT NULL DEFAULT '',  -- the API key (or client address) that submitted it: its lane
     worker TEXT,
     lease_until REAL,
@@ -48,13 +48,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     reason TEXT,
     error_status INTEGER,
-    created REAL NOT NULL,
+    created REAL NOT NULL,  -- whole seconds (stored as a 4-byte integer)
     finished REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_lanes ON jobs(stage, owner, priority, seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(worker) WHERE status = 'processing';
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+-- expiry, oldest first: a result its caller waited for (/sync: the job had an origin) goes sooner than
+-- other finished jobs; failures stay as long as any (the status page lists them)
+CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(finished)
+    WHERE finished IS NOT NULL AND (origin IS NULL OR status != 'done');
+CREATE INDEX IF NOT EXISTS jobs_ended_waited ON jobs(finished) WHERE status = 'done' AND origin IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs(finished) WHERE status = 'failed';
+-- the per-key bound counts an owner's unfinished jobs inside the write that adds one (one seek);
+-- the status page lists an owner's own failures (another key's flood does not push them out)
+CREATE INDEX IF NOT EXISTS jobs_owner_unfinished ON jobs(owner) WHERE status IN ('queued', 'processing');
+CREATE INDEX IF NOT EXISTS jobs_owner_failed ON jobs(owner, finished) WHERE status = 'failed';
 CREATE TABLE IF NOT EXISTS payloads (
     id TEXT PRIMARY KEY,
     data BLOB NOT NULL
@@ -85,7 +93,7 @@ CREATE TABLE IF NOT EXISTS webhooks (
     next_at REAL NOT NULL,
     lease_until REAL,
     status TEXT NOT NULL DEFAULT 'pending',  -- pending (in the outbox), delivered, failed
-    last_error TEXT
+    last_at REAL  -- when the last attempt ended (never why: that is logged only)
 );
 CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks(next_at) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS tallies (  -- counters since the store was created: webhooks delivered, failed
@@ -97,7 +105,16 @@ CREATE TABLE IF NOT EXISTS tallies (  -- counters since the store was created: w
 log = logging.getLogger(__name__)
 
 _LOCK_WAIT_SECONDS = 30.0  # longest a write waits for another writer before 503
-_WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file is cut back to after a checkpoint
+# Every connection cuts the WAL file back to this when it starts the WAL over (journal_size_limit
+# is a per-connection setting: set on one connection only, a large job's WAL stayed at its size).
+_WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# A WAL file larger than this (a large job's values passed through it) is cut to nothing by the
+# supervisor's next checkpoint once no reader is in it; steady small writes stay below it.
+_TRUNCATE_BYTES = 2 * _WAL_SIZE_LIMIT
+# New stores free pages incrementally (auto_vacuum): space of expired large values goes back to the
+# disk, a slice per checkpoint pass, while more than this many free pages (4 MB) are kept for reuse.
+_FREE_PAGES_KEPT = 1024
+_VACUUM_PAGES = 4096  # pages one pass gives back at most: bounds how long it holds the write lock
 # Checkpoints flush the database file to disk (fsync): tens to hundreds of milliseconds on
 # a busy disk. SQLite runs one by default in whichever connection commits the 1000th page,
 # which put that stall on an API server's event loop. The supervisor checkpoints from its
@@ -107,7 +124,18 @@ _BACKSTOP_CHECKPOINT_PAGES = 16384
 _RESTART_PAGES = 4096  # WAL pages (16 MB) from which the supervisor's checkpoint also starts the WAL over
 
 
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+
 _INLINE_PAYLOAD = 1024  # bytes of inputs kept in the job's own row
+# What a job no longer needs once it has ended, dropped with its outcome (no extra write): its row
+# keeps status, result or reason, owner and times. A waited-for job's origin (a bell's name) becomes
+# '' rather than NULL: that it had one sets when its result expires (jobs_ended_waited).
+_ENDED = ("payload = NULL, worker = NULL, lease_until = NULL, deadline = NULL,"
+          " origin = CASE WHEN origin IS NULL THEN NULL ELSE '' END")
+# Expiry goes a slice at a time: one write deletes at most this many finished jobs of one kind
+# (1 to 2 ms of the write lock), and one maintain() at most _EXPIRE_ROUNDS such slices per kind.
+_EXPIRE_SLICE = 500
+_EXPIRE_ROUNDS = 10
 _OUTAGE_WARN_SECONDS = 60.0  # while the store keeps failing the same way, a warning this often
 MAX_LANES = 64  # owners one claim takes turns between (the next claim goes on from there)
 # the queued jobs of one lane (stage and owner), in the order its owner chose: from the
@@ -229,6 +257,7 @@ class _Row:
     n_items: int
     deadline: Optional[float]
     stage: int
+    owner: str
 
 
 class _LanePicker:
@@ -256,7 +285,7 @@ class _LanePicker:
             if deadline is not None and deadline < self._now:
                 self.timed_out.append((job_id, webhook))
                 continue
-            return WeighedJob(n_items, _Row(seq, job_id, payload, n_items, deadline, self._stage))
+            return WeighedJob(n_items, _Row(seq, job_id, payload, n_items, deadline, self._stage, owner))
 
     def _fetch(self, owner: str) -> list[tuple]:
         if owner in self._after and self._after[owner] is None:
@@ -278,7 +307,7 @@ class _LanePicker:
         payload = row.payload
         if payload is None:  # a large input: in its own table
             payload = _read_payload(self._db, row.id)
-        return ClaimedJob(row.id, row.stage, payload, row.n_items, row.deadline)
+        return ClaimedJob(row.id, row.stage, payload, row.n_items, row.deadline, row.owner)
 
 
 def _rollback(db: sqlite3.Connection) -> None:
@@ -293,7 +322,7 @@ def _rollback(db: sqlite3.Connection) -> None:
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Bring a state folder made by an earlier version up to this schema."""
     added = {"jobs": (("origin", "TEXT"), ("owner", "TEXT NOT NULL DEFAULT ''")),
-             "webhooks": (("status", "TEXT NOT NULL DEFAULT 'pending'"), ("last_error", "TEXT"))}
+             "webhooks": (("status", "TEXT NOT NULL DEFAULT 'pending'"), ("last_at", "REAL"))}
     for table, wanted in added.items():
         columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if not columns:
@@ -306,6 +335,23 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                     if "duplicate column" not in str(exc):
                         raise
     db.execute("DROP INDEX IF EXISTS jobs_queue")  # one queue order (by lane) is kept now
+    db.execute("DROP INDEX IF EXISTS jobs_finished")  # expiry reads jobs_ended and jobs_ended_waited now
+
+
+def _held_by_others(db: sqlite3.Connection, outcomes: Sequence[Outcome], worker_id: str) -> set[str]:
+    """Of the outcomes' jobs, those another loop holds at the outcome's stage now (its lease ran
+    out here and it was claimed again): their inputs at that stage are still being read."""
+    stages = {out.id: out.stage for out in outcomes}
+    held: set[str] = set()
+    ids = list(stages)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        rows = db.execute(
+            f"SELECT id, stage FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) AND status = 'processing'"
+            " AND worker IS NOT NULL AND worker != ?", (*chunk, worker_id),
+        ).fetchall()
+        held.update(job_id for job_id, stage in rows if stages[job_id] == stage)
+    return held
 
 
 def _tally(db: sqlite3.Connection, name: str) -> None:
@@ -313,6 +359,54 @@ def _tally(db: sqlite3.Connection, name: str) -> None:
     if db.execute("SELECT changes()").fetchone()[0]:
         db.execute("INSERT INTO tallies (name, value) VALUES (?, 1)"
                    " ON CONFLICT (name) DO UPDATE SET value = value + 1", (name,))
+
+
+# an owner's unfinished jobs, counted up to a bound (?2): one seek in jobs_owner_unfinished
+_OWNER_UNFINISHED = ("SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE owner = ?1"
+                     " AND status IN ('queued', 'processing') LIMIT ?2)")
+
+
+def _check_owner_limit(db: sqlite3.Connection, jobs: Sequence[NewJob], limit: int) -> None:
+    """Inside the write that has just inserted ``jobs``: refuse (OwnerLimitReached, so the write rolls
+    back) the jobs that take an owner past ``limit`` unfinished ones, the last of its in ``jobs``."""
+    mine: dict[str, list[str]] = {}
+    for job in jobs:
+        mine.setdefault(job.owner, []).append(job.id)
+    refused: list[str] = []
+    for owner, ids in mine.items():
+        (count,) = db.execute(_OWNER_UNFINISHED, (owner, limit + len(ids))).fetchone()
+        over = int(count) - limit
+        if over > 0:
+            refused += ids[-over:]
+    if refused:
+        raise OwnerLimitReached(refused, limit)
+
+
+def _expiry(kind: str) -> tuple[str, str, str]:
+    """The statements that delete the oldest finished jobs of one ``kind`` past a cutoff (?1), at most ?2 of
+    them (one range of the kind's partial index), with their webhooks' records and large results."""
+    oldest = f"FROM jobs WHERE {kind} AND finished < ?1 ORDER BY finished LIMIT ?2"
+    return (f"DELETE FROM webhooks WHERE status != 'pending' AND job_id IN (SELECT id {oldest})",  # pending: kept
+            f"DELETE FROM results WHERE id IN (SELECT id {oldest})",
+            f"DELETE FROM jobs WHERE seq IN (SELECT seq {oldest})")
+
+
+_EXPIRE_WAITED = _expiry("status = 'done' AND origin IS NOT NULL")  # jobs_ended_waited
+_EXPIRE_OTHERS = _expiry("finished IS NOT NULL AND (origin IS NULL OR status != 'done')")  # jobs_ended
+
+
+def _expiry_cutoffs(now: float, result_ttl: float, waited_ttl: Optional[float]) -> list[tuple[tuple[str, ...], float]]:
+    """Each kind of finished job, with the time before which it has expired (a waited-for result
+    is never kept longer than any other; a waited-for job that failed is kept as long as any)."""
+    waited = result_ttl if waited_ttl is None else min(waited_ttl, result_ttl)
+    return [(_EXPIRE_WAITED, now - waited), (_EXPIRE_OTHERS, now - result_ttl)]
+
+
+def _expire_slice(db: sqlite3.Connection, statements: tuple[str, ...], cutoff: float) -> int:
+    """Inside a write: delete the oldest expired jobs of one kind, at most _EXPIRE_SLICE; returns how many."""
+    for statement in statements[:-1]:
+        db.execute(statement, (cutoff, _EXPIRE_SLICE))
+    return int(db.execute(statements[-1], (cutoff, _EXPIRE_SLICE)).rowcount)
 
 
 def _id_messages(ids: Sequence[str]) -> list[bytes]:
@@ -352,8 +446,8 @@ class SQLiteStore(Store):
         deadline = time.monotonic() + _LOCK_WAIT_SECONDS
         while True:
             try:
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only before the first table
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
                 _add_missing_columns(db)
                 db.executescript(_SCHEMA)
                 return
@@ -397,6 +491,7 @@ class SQLiteStore(Store):
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the job store {self.path}: {exc}") from None
         with self._connections_lock:
@@ -459,13 +554,43 @@ class SQLiteStore(Store):
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
         return self._db().execute(sql, params).fetchall()
 
+    def upgrade(self, resign: Optional[Resign] = None) -> int:
+        """Later-stage payloads an earlier version signed without binding them to their job are
+        signed again (the schema itself is upgraded when the store opens)."""
+        if resign is None:
+            return 0
+        changed = 0
+        with self._write() as db:
+            rows = db.execute("SELECT id, stage, owner, n_items, payload FROM jobs"
+                              " WHERE status IN ('queued', 'processing') AND stage > 0").fetchall()
+            for job_id, stage, owner, n_items, payload in rows:
+                new = resign(payload if payload is not None else _read_payload(db, job_id),
+                             Binding(job_id, stage, owner, n_items))
+                if new is None:
+                    continue
+                db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (_inline(new), job_id))
+                db.execute("DELETE FROM payloads WHERE id = ?", (job_id,))
+                if _inline(new) is None:
+                    _write_large(db, "payloads", job_id, new)
+                changed += 1
+        if changed:
+            log.info("signed %d queued chain payload(s) of an earlier version for their jobs", changed)
+        return changed
+
     def checkpoint(self) -> None:
-        """Copy committed pages from the WAL into the database file without waiting for
-        readers and writers; once the WAL holds 16 MB, also have it started over."""
+        """Give free pages back to the disk, then copy committed pages from the WAL into the
+        database file without waiting for readers and writers; once the WAL holds 16 MB, also
+        have it started over, and once its file is larger than a steady load makes it (a large
+        job went through), cut it to nothing."""
         try:
             db = self._db()
+            self._give_back_free_pages(db)
             ((_, log_pages, _),) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            if log_pages >= _RESTART_PAGES:
+            if self._wal_bytes() > _TRUNCATE_BYTES:
+                # RESTART's work, and the file truncated; with a reader still in the WAL it does what
+                # it can without waiting (no busy handler here), and the next pass tries again
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            elif log_pages >= _RESTART_PAGES:
                 # Under steady writes the WAL is never found fully copied when a writer starts,
                 # so SQLite never starts it over and it grows to the backstop, whose checkpoint
                 # then stalls a request connection on a long fsync. RESTART copies the few pages
@@ -475,6 +600,27 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"could not checkpoint the job store {self.path.name}: {exc}") from None
 
+    def _wal_bytes(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _give_back_free_pages(self, db: sqlite3.Connection) -> None:
+        """Free pages beyond those kept for reuse go back to the disk, a slice at a time, when no one
+        else is writing (a store created before auto_vacuum keeps them for reuse instead)."""
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            return
+        (free,) = db.execute("PRAGMA freelist_count").fetchone()
+        if free <= _FREE_PAGES_KEPT:
+            return
+        try:  # a statement of its own, run to its end by executescript (execute frees one page per call)
+            db.executescript(f"PRAGMA incremental_vacuum({min(free - _FREE_PAGES_KEPT, _VACUUM_PAGES)})")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            # another writer holds the lock (no busy handler here): the next pass gives them back
+
     def close(self) -> None:
         self._bells.close()
         with self._connections_lock:
@@ -483,23 +629,23 @@ class SQLiteStore(Store):
             self._connections.clear()
 
     # -- API side -------------------------------------------------------------
-    def submit(self, jobs: Sequence[NewJob], *, block: bool = True) -> bool:
+    def submit(self, jobs: Sequence[NewJob], *, block: bool = True, owner_limit: int = 0) -> bool:
         if not jobs:
             return True
         if not block:  # write now if the file is free this instant; never wait for another writer
             try:
-                self._insert(jobs, wait=False)
+                self._insert(jobs, wait=False, owner_limit=owner_limit)
             except StoreUnavailable:
                 return False
             return True
-        self._insert(jobs, wait=True)
+        self._insert(jobs, wait=True, owner_limit=owner_limit)
         return True
 
-    def _insert(self, jobs: Sequence[NewJob], wait: bool) -> None:
+    def _insert(self, jobs: Sequence[NewJob], wait: bool, owner_limit: int) -> None:
         """Insert the jobs, or none of them: a job id the store holds (a client may choose its
         own) is JobExists, naming every such id, not a store failure."""
         try:
-            self._insert_rows(jobs, wait)
+            self._insert_rows(jobs, wait, owner_limit)
         except sqlite3.IntegrityError:
             taken = self._taken_ids(jobs)
             if not taken:
@@ -522,8 +668,8 @@ class SQLiteStore(Store):
             seen.add(job_id)
         return taken
 
-    def _insert_rows(self, jobs: Sequence[NewJob], wait: bool) -> None:
-        now = time.time()
+    def _insert_rows(self, jobs: Sequence[NewJob], wait: bool, owner_limit: int) -> None:
+        now = int(time.time())  # created: whole seconds take 4 bytes on disk, a fraction 8
         with self._write(wait=wait) as db:
             db.executemany(
                 "INSERT INTO jobs (id, stage, status, priority, payload, n_items, deadline, webhook, origin, owner,"
@@ -534,50 +680,66 @@ class SQLiteStore(Store):
                     for j in jobs
                 ],
             )
+            if owner_limit:  # counted with the new rows, before any large value is written
+                _check_owner_limit(db, jobs, owner_limit)
             for job in jobs:
                 if _inline(job.payload) is None:
                     _write_large(db, "payloads", job.id, job.payload)
             self._ring_after_commit(stage_role(0))
 
-    def get(self, ids: Sequence[str]) -> dict[str, JobView]:
+    def get(self, ids: Sequence[str], owner: Optional[str] = None) -> dict[str, JobView]:
         """In one read transaction: a large result is read from the same snapshot as its job's row
         (between two separate reads it could expire and its row number go to another job's result)."""
         db = self._db()
         if db.in_transaction:  # a COMMIT that failed (disk full) left it open
             _rollback(db)
-        views = self._views(db, ids, large=False)
+        views = self._views(db, ids, owner, large=False)
         if views is not None:
             return views  # no large result among them: one statement, as most reads are
         db.execute("BEGIN")
         try:
-            views = self._views(db, ids, large=True)
+            views = self._views(db, ids, owner, large=True)
         finally:
             _rollback(db)  # it wrote nothing: ending it either way is the same
         assert views is not None
         return views
 
-    def _views(self, db: sqlite3.Connection, ids: Sequence[str], large: bool) -> Optional[dict[str, JobView]]:
-        """The jobs' views; None when one has a large result and ``large`` is not set (read it again
-        inside a transaction)."""
+    def states(self, ids: Sequence[str]) -> dict[str, JobState]:
+        db = self._db()
+        if db.in_transaction:  # a COMMIT that failed (disk full) left it open
+            _rollback(db)
+        states: dict[str, JobState] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            rows = db.execute(f"SELECT id, status, owner FROM jobs WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            states.update((job_id, JobState(JobStatus(status), owner)) for job_id, status, owner in rows)
+        return states
+
+    def _views(
+        self, db: sqlite3.Connection, ids: Sequence[str], owner: Optional[str], large: bool
+    ) -> Optional[dict[str, JobView]]:
+        """The jobs' views (only ``owner``'s, when given); None when one has a large result and
+        ``large`` is not set (read it again inside a transaction)."""
         views: dict[str, JobView] = {}
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = db.execute(
                 "SELECT j.id, j.status, j.result, j.reason, j.error_status, j.owner, w.status, w.attempts,"
-                " w.last_error, r.rowid, length(r.data) FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id"
+                " w.last_at, r.rowid, length(r.data) FROM jobs j LEFT JOIN webhooks w ON w.job_id = j.id"
                 # a results row counts only for a done job with no result of its own (a row an older
                 # version left when it expired its job must not answer for a new job of that id)
                 " LEFT JOIN results r ON r.id = j.id AND j.status = 'done' AND j.result IS NULL"
-                f" WHERE j.id IN ({marks})", chunk,
+                f" WHERE j.id IN ({marks})" + ("" if owner is None else " AND j.owner = ?"),
+                chunk if owner is None else [*chunk, owner],
             ).fetchall()
-            for job_id, status, result, reason, error_status, owner, hook, attempts, error, rowid, size in rows:
+            for job_id, status, result, reason, error_status, whose, hook, attempts, last_at, rowid, size in rows:
                 if rowid is not None:  # a large result: read a slice at a time
                     if not large:
                         return None
                     result = _read_result(db, rowid, size)
-                webhook = WebhookState(hook, int(attempts), error) if hook is not None else None
-                views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500, owner, webhook)
+                webhook = WebhookState(hook, int(attempts), last_at) if hook is not None else None
+                views[job_id] = JobView(job_id, JobStatus(status), result, reason, error_status or 500, whose, webhook)
         return views
 
     def cancel(
@@ -661,8 +823,8 @@ class SQLiteStore(Store):
         status: JobStatus = JobStatus.FAILED,
     ) -> None:
         db.execute(
-            "UPDATE jobs SET status = ?, reason = ?, error_status = ?, payload = NULL, worker = NULL,"
-            " finished = ? WHERE id = ? AND stage = ?",
+            f"UPDATE jobs SET status = ?, reason = ?, error_status = ?, {_ENDED}, finished = ?"
+            " WHERE id = ? AND stage = ?",
             (status.value, reason, error_status, now, job_id, stage),
         )
         db.execute("DELETE FROM payloads WHERE id = ?", (job_id,))
@@ -677,14 +839,16 @@ class SQLiteStore(Store):
             (job_id, url, body, now),
         )
 
-    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> None:
+    def finish(self, outcomes: Sequence[Outcome], worker_id: str) -> list[str]:
         now = time.time()
         carried: dict[str, list[list]] = {}  # API server's bell -> outcomes its /sync requests wait for
         next_stages: set[int] = set()
         live = "status IN ('processing', 'queued')"
+        held: set[str] = set()  # jobs another loop holds at this stage now: their inputs stay
         with self._write() as db:
             for out in outcomes:
                 if out.payload is not None:
+                    held |= _held_by_others(db, [out], worker_id)
                     cursor = db.execute(
                         "UPDATE jobs SET stage = ?, status = 'queued', payload = ?, n_items = ?, worker = NULL,"
                         f" lease_until = NULL WHERE id = ? AND stage = ? AND {live}",
@@ -697,17 +861,19 @@ class SQLiteStore(Store):
                         next_stages.add(out.stage + 1)
                     continue
                 row = db.execute(
-                    f"SELECT webhook, origin, payload IS NULL FROM jobs WHERE id = ? AND stage = ? AND {live}",
-                    (out.id, out.stage),
+                    "SELECT webhook, origin, payload IS NULL, status = 'processing' AND worker IS NOT NULL"
+                    f" AND worker != ? FROM jobs WHERE id = ? AND stage = ? AND {live}",
+                    (worker_id, out.id, out.stage),
                 ).fetchone()
                 if row is None:
                     continue  # already finished elsewhere: deliver once
-                webhook, origin, spilled = row
+                webhook, origin, spilled, elsewhere = row
+                if elsewhere:
+                    held.add(out.id)
                 if out.result is not None:
                     large = _streamed(out.result)
                     db.execute(
-                        "UPDATE jobs SET status = 'done', result = ?, payload = NULL, worker = NULL, finished = ?"
-                        " WHERE id = ?",
+                        f"UPDATE jobs SET status = 'done', result = ?, {_ENDED}, finished = ? WHERE id = ?",
                         (None if large else out.result, now, out.id),
                     )
                     if large:
@@ -728,6 +894,7 @@ class SQLiteStore(Store):
                 self._ring_after_commit(stage_role(stage))
             for origin, entries in carried.items():  # straight to the API server that waits for them
                 self._ring_reader_after_commit(origin, outcome_messages(entries, MAX_DATAGRAM))
+        return [out.id for out in outcomes if out.id not in held]
 
     # -- workers --------------------------------------------------------------
     def heartbeat(self, info: WorkerInfo, lease_seconds: float) -> None:
@@ -785,18 +952,22 @@ class SQLiteStore(Store):
         return len(rows)
 
     # -- maintenance ----------------------------------------------------------
-    def maintain(self, now: float, result_ttl: float, worker_timeout: float) -> None:
+    def maintain(
+        self, now: float, result_ttl: float, worker_timeout: float, waited_ttl: Optional[float] = None,
+    ) -> None:
         with self._write() as db:
             dead = [r[0] for r in db.execute("SELECT worker_id FROM workers WHERE seen < ?", (now - worker_timeout,))]
             for worker_id in dead:
                 db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
                 self._requeue_locked(db, "worker = ?", (worker_id,))
             self._requeue_locked(db, "lease_until < ?", (now,))
-            db.execute("DELETE FROM webhooks WHERE status != 'pending' AND job_id IN"
-                       " (SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?)", (now - result_ttl,))
-            db.execute("DELETE FROM results WHERE id IN"
-                       " (SELECT id FROM jobs WHERE finished IS NOT NULL AND finished < ?)", (now - result_ttl,))
-            db.execute("DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (now - result_ttl,))
+            cutoffs = _expiry_cutoffs(now, result_ttl, waited_ttl)
+            due = [(kind, cutoff) for kind, cutoff in cutoffs if _expire_slice(db, kind, cutoff) == _EXPIRE_SLICE]
+        for _ in range(_EXPIRE_ROUNDS - 1):  # more than a slice was due: one more each, a write each
+            if not due:
+                break
+            with self._write() as db:
+                due = [(kind, cutoff) for kind, cutoff in due if _expire_slice(db, kind, cutoff) == _EXPIRE_SLICE]
 
     # -- webhook outbox -------------------------------------------------------
     def claim_webhooks(self, limit: int, lease_seconds: float) -> list[WebhookDelivery]:
@@ -815,27 +986,31 @@ class SQLiteStore(Store):
     def webhook_delivered(self, job_id: str) -> None:
         with self._write() as db:
             db.execute("UPDATE webhooks SET status = 'delivered', attempts = attempts + 1, lease_until = NULL,"
-                       " last_error = NULL, body = X'' WHERE job_id = ? AND status = 'pending'", (job_id,))
+                       " last_at = ?, body = X'' WHERE job_id = ? AND status = 'pending'", (time.time(), job_id))
             _tally(db, "webhooks_delivered")
 
-    def webhook_retry(self, job_id: str, next_attempt_at: float, error: str = "") -> None:
+    def webhook_retry(self, job_id: str, next_attempt_at: float) -> None:
         with self._write() as db:
             db.execute(
-                "UPDATE webhooks SET attempts = attempts + 1, next_at = ?, lease_until = NULL, last_error = ?"
+                "UPDATE webhooks SET attempts = attempts + 1, next_at = ?, lease_until = NULL, last_at = ?"
                 " WHERE job_id = ? AND status = 'pending'",
-                (next_attempt_at, error or None, job_id),
+                (next_attempt_at, time.time(), job_id),
             )
 
-    def webhook_failed(self, job_id: str, error: str) -> None:
+    def webhook_failed(self, job_id: str) -> None:
         with self._write() as db:
             db.execute("UPDATE webhooks SET status = 'failed', attempts = attempts + 1, lease_until = NULL,"
-                       " last_error = ?, body = X'' WHERE job_id = ? AND status = 'pending'", (error, job_id))
+                       " last_at = ?, body = X'' WHERE job_id = ? AND status = 'pending'", (time.time(), job_id))
             _tally(db, "webhooks_failed")
 
     # -- what an operator sees -------------------------------------------------
-    def recent_failures(self, limit: int) -> list[Failure]:
-        rows = self._read("SELECT finished, id, reason, owner FROM jobs WHERE status = 'failed'"
-                          " ORDER BY finished DESC LIMIT ?", (limit,))
+    def recent_failures(self, limit: int, owner: Optional[str] = None) -> list[Failure]:
+        if owner is None:
+            rows = self._read("SELECT finished, id, reason, owner FROM jobs WHERE status = 'failed'"
+                              " ORDER BY finished DESC LIMIT ?", (limit,))
+        else:  # one seek in jobs_owner_failed
+            rows = self._read("SELECT finished, id, reason, owner FROM jobs WHERE status = 'failed' AND owner = ?"
+                              " ORDER BY finished DESC LIMIT ?", (owner, limit))
         return [Failure(at or 0.0, job_id, reason or "", owner or "") for at, job_id, reason, owner in rows]
 
     def outbox(self) -> Outbox:

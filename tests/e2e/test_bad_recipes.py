@@ -37,7 +37,9 @@ def _run_to_exit(recipe: Path, command: str, tmp_path: Path) -> tuple[Optional[i
     killed with its children and the exit code is None); its exit code, stderr and how long it ran."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
     env.update({"FASTDEPLOY_STATE_DIR": str(tmp_path / "state"), "WORKERS": "1", "FASTDEPLOY_HEARTBEAT_SECONDS": "0.2"})
-    cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe), "--host", "127.0.0.1", "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "fastdeploy", command, str(recipe)]
+    if command != "worker":  # workers serve no HTTP: --host and --port are refused there
+        cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
     err_path = tmp_path / "stderr.txt"
     started = time.monotonic()
     with open(err_path, "wb") as err:
@@ -97,6 +99,29 @@ def test_a_predictor_raising_on_the_example_stops_the_service(tmp_path, command)
 def test_a_predictor_returning_a_dict_on_the_example_stops_the_service(tmp_path):
     recipe = _recipe(tmp_path / "recipe", "def predictor(inputs, batch_size=1):\n    return {'a': 1, 'b': 2}\n")
     _assert_stops_with(recipe, "run", tmp_path, "the predictor returned a dict", "failed on example.py")
+
+
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_outputs_no_answer_can_carry_stop_the_service(tmp_path, command):
+    # (#19 point 10) the warm-up passed, then every request got 500; only the second example input's
+    # output is bad: every input of the example is predicted and encoded at start-up
+    source = ("class Box:\n    pass\n\n\n"
+              "def predictor(inputs, batch_size=1):\n    return [Box() if x == 'boxed' else x for x in inputs]\n")
+    recipe = _recipe(tmp_path / "recipe", source, example="example = ['plain', 'boxed']\n")
+    _assert_stops_with(recipe, command, tmp_path, "its output cannot be encoded as JSON",
+                       "failed on example.py at start-up", "Type is not JSON serializable: Box")
+
+
+def test_a_chain_stage_whose_outputs_cannot_be_pickled_stops_the_service(tmp_path):
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "predictor_1.py").write_text(
+        "def predictor(inputs, batch_size=1):\n    return [(x for _ in range(2)) for x in inputs]\n")
+    (recipe / "predictor_2.py").write_text(
+        "def predictor(inputs, batch_size=1):\n    return [len(list(g)) for g in inputs]\n")
+    (recipe / "example.py").write_text("example = [1, 2]\n")
+    _assert_stops_with(recipe, "run", tmp_path, "its output cannot be pickled for the next stage",
+                       "the predictor of stage 0 (predictor_1.py)", "cannot pickle 'generator' object")
 
 
 DIES_WHEN_MARKED = """

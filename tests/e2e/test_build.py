@@ -73,12 +73,12 @@ def test_the_dockerfile_parses_and_has_what_an_image_needs(recipe):
     assert int(user) == container.UID  # the user the Kubernetes manifest runs as
     assert int(dict(found)["EXPOSE"]) == 8080
     command = json.loads(dict(found)["CMD"])  # the exec (JSON) form: signals reach fastdeploy itself
-    assert command[:3] == ["fastdeploy", "run", container.RECIPE_PATH]
-    args = build_parser().parse_args(command[1:])
-    assert (args.host, args.port) == ("0.0.0.0", "8080")
+    assert command == ["fastdeploy", "run", container.RECIPE_PATH]  # no flags: `docker run -e` can change any setting
+    assert build_parser().parse_args(command[1:]).command == "run"
+    assert (dockerfile.envs["FASTDEPLOY_HOST"], dockerfile.envs["FASTDEPLOY_PORT"]) == ("0.0.0.0", "8080")
     health = dict(found)["HEALTHCHECK"]
     check = json.loads(health[health.index("CMD ") + 4:])
-    assert check[:2] == ["python", "-c"] and "/health" in check[2] and ":8080/" in check[2]
+    assert check[:2] == ["python", "-c"] and "/health" in check[2] and "load_settings" in check[2]
     state = dockerfile.envs["FASTDEPLOY_STATE_DIR"]
     assert not state.startswith(container.RECIPE_PATH)
     # layers: the recipe's requirements, then fastDeploy, then the recipe itself (changes most often)
@@ -94,7 +94,7 @@ def test_the_dockerfile_parses_and_has_what_an_image_needs(recipe):
     first = wheel_file.read_bytes()
     assert fastdeploy_build(str(recipe), "--no-build", "--port", "9000").returncode == 0
     assert wheel_file.read_bytes() == first
-    assert int(dict(steps(parsed(recipe)))["EXPOSE"]) == 9000
+    assert int(dict(steps(parsed(recipe)))["EXPOSE"]) == 9000 and parsed(recipe).envs["FASTDEPLOY_PORT"] == "9000"
 
 
 def test_the_dockerignore_keeps_the_state_folder_venvs_and_git_out(recipe):
@@ -127,9 +127,79 @@ def test_a_context_above_the_recipe_sends_only_the_recipe_and_the_wheel(recipe, 
     assert not (recipe / "Dockerfile").exists()
 
 
+def _as_the_image_runs(context: Path) -> tuple[list[str], dict[str, str], list[str]]:
+    """The image's CMD (this checkout's fastdeploy, /recipe being what COPY puts there), its ENV and its
+    HEALTHCHECK, read from the Dockerfile in ``context``; nothing is built or installed."""
+    found = steps(parsed(context))
+    copies = [json.loads(v) if v.startswith("[") else shlex.split(v) for kind, v in found if kind == "COPY"]
+    source = next(context / words[0] for words in copies if words[-1] == container.RECIPE_PATH)
+    image_env: dict[str, str] = {}
+    for kind, value in found:
+        if kind == "ENV":
+            image_env.update(dict(pair.split("=", 1) for pair in shlex.split(value)))
+    command = [str(source) if w == container.RECIPE_PATH else w for w in json.loads(dict(found)["CMD"])]
+    health = json.loads(dict(found)["HEALTHCHECK"].split("CMD ", 1)[1])
+    return [sys.executable, "-m", *command], image_env, [sys.executable, *health[1:]]
+
+
+def _container_env(image_env: dict[str, str], state: Path, port: int) -> dict[str, str]:
+    """What the server sees in the container: the image's ENV, then `docker run -e` (the port among them)."""
+    state.mkdir(exist_ok=True)
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
+    return {**outside, **image_env, "FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_BATCH_SIZE": "2",
+            "FASTDEPLOY_PORT": str(port)}
+
+
+def test_the_image_serves_and_checks_health_on_the_port_docker_run_gives_it(tmp_path):
+    # (#19 point 12) CMD said --port 8080, which wins over `docker run -e FASTDEPLOY_PORT=...`, and the
+    # HEALTHCHECK probed 8080 whatever the server listened on
+    recipe = tmp_path / "echo"
+    shutil.copytree(RECIPES / "echo", recipe, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    assert fastdeploy_build(str(recipe), "--no-build", "--port", "9000").returncode == 0
+    command, image_env, probe = _as_the_image_runs(recipe)
+    port = free_port()
+    env = _container_env(image_env, tmp_path / "state", port)
+    with running(command, env=env, cwd=ROOT, port=port, state_dir=tmp_path / "state") as server:
+        assert server.post("/sync", {"data": ["moved"]}).json()["prediction"] == ["moved"]
+        assert subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, timeout=30).returncode == 0  # healthy
+        elsewhere = {**env, "FASTDEPLOY_PORT": str(free_port())}  # the probe follows the setting: nothing there
+        assert subprocess.run(probe, env=elsewhere, cwd=ROOT, capture_output=True, timeout=30).returncode != 0
+    assert image_env["FASTDEPLOY_PORT"] == "9000"  # without -e, the image serves on the port it was built for
+
+
+def test_out_elsewhere_writes_a_self_contained_build_context(recipe, tmp_path):
+    # (#19 point 12) --out outside the recipe was refused; now the context gets a copy of the recipe
+    (recipe / ".fastdeploy").mkdir()
+    (recipe / ".fastdeploy" / "store_secret").write_text("never in an image")
+    (recipe / "old.txt").write_text("deleted before the second build")
+    out, copy = tmp_path / "context", f"{container.DIST}/recipe"
+    done = fastdeploy_build(str(recipe), "--out", str(out), "--tag", "echo:ctx", "--no-build")
+    assert done.returncode == 0, done.stderr
+    assert f"docker build -t echo:ctx {out}" in done.stdout
+    found = steps(parsed(out))
+    assert ("COPY", f"{copy} {container.RECIPE_PATH}") in found
+    assert ("COPY", f"{copy}/requirements*.txt /recipe/") in found
+    sent = context_files(out)
+    assert {f"{copy}/predictor.py", f"{copy}/example.py", f"{copy}/requirements.txt", f"{copy}/old.txt",
+            "Dockerfile", f"{container.DIST}/{own_wheel.wheel_name()}"} <= sent
+    assert not (out / copy / ".fastdeploy").exists() and not [p for p in sent if ".fastdeploy/" in p]
+    assert not (recipe / "Dockerfile").exists()
+    (recipe / "old.txt").unlink()  # the next build copies the recipe as it is then
+    assert fastdeploy_build(str(recipe), "--out", str(out), "--no-build").returncode == 0
+    assert not (out / copy / "old.txt").exists() and (out / copy / "predictor.py").is_file()
+    inside = recipe / "image"  # a context inside the recipe is not copied into itself
+    assert fastdeploy_build(str(recipe), "--out", str(inside), "--no-build").returncode == 0
+    assert (inside / copy / "predictor.py").is_file() and not (inside / copy / "image").exists()
+    shutil.rmtree(recipe)  # the context holds all the image needs
+    command, image_env, _ = _as_the_image_runs(out)
+    port = free_port()
+    env = _container_env(image_env, tmp_path / "state", port)
+    with running(command, env=env, cwd=ROOT, port=port, state_dir=tmp_path / "state") as server:
+        assert server.post("/sync", {"data": ["from", "the", "copy"]}).json()["prediction"] == ["from", "the", "copy"]
+
+
 def test_build_refuses_with_one_line_and_leaves_other_files_alone(recipe, tmp_path):
     for args, expected in (([str(tmp_path / "missing")], "does not exist"),
-                           ([str(recipe), "--out", str(tmp_path / "elsewhere")], "--out"),
                            ([str(recipe), "--port", "70000"], "--port")):
         done = fastdeploy_build(*args, "--no-build")
         lines = done.stderr.strip().splitlines()
@@ -141,16 +211,31 @@ def test_build_refuses_with_one_line_and_leaves_other_files_alone(recipe, tmp_pa
     assert (recipe / "Dockerfile").read_text() == "FROM scratch\n"
 
 
-def test_without_a_container_engine_it_prints_the_command(recipe, tmp_path):
+def _assert_not_built(done: subprocess.CompletedProcess, why: str, command: str) -> None:
+    """Failed, in one line saying why and how to build, after writing the files."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("fastdeploy: error: no image was built")
+    assert why in lines[0] and f"`{command}`" in lines[0] and "--no-build" in lines[0], done.stderr
+    assert "wrote " in done.stdout and "Traceback" not in done.stderr
+
+
+def test_without_a_container_engine_answering_it_fails_naming_the_command(recipe, tmp_path):
+    # (#19 point 12) it exited 0 without an image: a CI job went on to push what was never built
     (tmp_path / "empty-bin").mkdir()
     env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}  # neither docker nor podman
     done = fastdeploy_build(str(recipe), "--tag", "echo:test", env=env)
-    assert done.returncode == 0, done.stderr
-    assert "neither docker nor podman is on the PATH" in done.stdout
-    assert f"docker build -t echo:test {recipe}" in done.stdout
-    if container.find_engine()[0] is None:  # here: one is installed but its daemon does not answer
-        done = fastdeploy_build(str(recipe))
-        assert done.returncode == 0 and "not building (" in done.stdout and "docker build -t echo" in done.stdout
+    _assert_not_built(done, "neither docker nor podman is on the PATH", f"docker build -t echo:test {recipe}")
+    assert (recipe / "Dockerfile").is_file()
+    assert fastdeploy_build(str(recipe), "--no-build", env=env).returncode == 0  # asked only to write the files
+    docker = shutil.which("docker")
+    if docker is None:
+        return
+    (tmp_path / "docker-bin").mkdir()  # docker alone, its daemon at a socket nobody listens on
+    (tmp_path / "docker-bin" / "docker").symlink_to(docker)
+    env = {**os.environ, "PATH": str(tmp_path / "docker-bin"), "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"}
+    done = fastdeploy_build(str(recipe), env=env)
+    _assert_not_built(done, "docker does not answer: ", f"docker build -t echo {recipe}")
+    assert "no-daemon.sock" in done.stderr
 
 
 def test_the_state_folder_stays_out_of_git_and_the_image(recipe):
@@ -221,18 +306,20 @@ def test_what_the_dockerfile_installs_serves_in_a_fresh_venv(recipe, tmp_path):
     state.mkdir()  # RUN mkdir in the image
     image_env = {k: v for k, v in image_env.items() if k != "PIP_NO_CACHE_DIR"}
     port = free_port()
-    assert command[:3] == ["fastdeploy", "run", str(recipe)]
-    command = [str(venv / "bin" / "fastdeploy"), *command[1:command.index("--port") + 1], str(port)]
-    run_env = {**env, **image_env, "FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_BATCH_SIZE": "4"}
+    assert command == ["fastdeploy", "run", str(recipe)]
+    command = [str(venv / "bin" / "fastdeploy"), *command[1:]]
+    # the image's environment, then `docker run -e`: the port too
+    run_env = {**env, **image_env, "FASTDEPLOY_STATE_DIR": str(state), "FASTDEPLOY_BATCH_SIZE": "4",
+               "FASTDEPLOY_PORT": str(port)}
     health = json.loads(next(v for k, v in steps(parsed(recipe)) if k == "HEALTHCHECK").split("CMD ", 1)[1])
-    probe = [str(venv / "bin" / "python"), health[1], health[2].replace(":8080/", f":{port}/")]
+    probe = [str(venv / "bin" / "python"), *health[1:]]
     with running(command, env=run_env, cwd=tmp_path, port=port, state_dir=state) as server:
         answer = requests.post(f"http://127.0.0.1:{port}/sync", json={"data": ["hello", 42]}, timeout=30)
         assert answer.status_code == 200 and answer.json()["prediction"] == ["hello", 42], answer.text
-        assert subprocess.run(probe, env=env, timeout=30).returncode == 0  # HEALTHCHECK: healthy
+        assert subprocess.run(probe, env=run_env, timeout=30).returncode == 0  # HEALTHCHECK: healthy
         assert "exited with code" not in server.log(), server.log()
     assert (state / "jobs.sqlite3").is_file() and not (recipe / ".fastdeploy").exists()
-    assert subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode != 0  # and unhealthy once gone
+    assert subprocess.run(probe, env=run_env, capture_output=True, timeout=30).returncode != 0  # unhealthy once gone
     # a fastDeploy installed from the wheel (metadata from its dist-info, no pyproject.toml) packs the same wheel
     wheel = recipe / container.DIST / own_wheel.wheel_name()
     packed_here = wheel.read_bytes()

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.helpers import TEST_RECIPES, Server, free_port, serve
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOCAL_ENV, Receiver
 
 JOBS = 1000
 CLIENTS = 8
@@ -38,6 +38,7 @@ EMBEDDED_ENV = {
     "FASTDEPLOY_MAX_WAIT": "0",
     "WORKERS": "2",  # two API servers: one can die while the other keeps answering
     "FASTDEPLOY_WEBHOOK_TIMEOUT": "2",  # a dead server's delivery leases run out after 2 + 5 s
+    **ALLOW_LOCAL_ENV,
 }
 
 
@@ -279,7 +280,7 @@ def test_worker_and_api_server_killed_during_1000_jobs_on_redis(redis_url):
 
     env = {
         "FD_TEST_SLEEP": "0.05", "FASTDEPLOY_BATCH_SIZE": "4", "FASTDEPLOY_MAX_WAIT": "0",
-        "FASTDEPLOY_LEASE_SECONDS": "2", "FASTDEPLOY_WEBHOOK_TIMEOUT": "2",
+        "FASTDEPLOY_LEASE_SECONDS": "2", "FASTDEPLOY_WEBHOOK_TIMEOUT": "2", **ALLOW_LOCAL_ENV,
     }
     with Receiver() as receiver, cluster(redis_url, apis=2, workers=2, env=env) as ((a, b), (w1, w2)):
         (w1_loop,) = w1.children()

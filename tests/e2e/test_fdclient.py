@@ -342,3 +342,17 @@ def test_with_api_keys_fdclient_sends_one_through_its_session():
         client.requests_session.headers["Authorization"] = f"Bearer {key}"
         answer = client.infer(["keyed"])  # /meta is asked again now that the key goes with it
         assert answer["success"] is True and plain(answer["prediction"]) == ["keyed"]
+
+
+# -- issue #25, points 5 and 7: the answer built once; what becomes of NaN ------------------------
+def test_a_nan_sent_over_msgpack_comes_back_as_null_on_every_wire(echo):
+    """Outputs are stored as JSON, which has no NaN or infinity: they come back as null (None) on
+    /infer's msgpack and JSON wires and on /sync alike (the README says so)."""
+    client = FDClient(echo.url, request_timeout=10)
+    assert plain(client.infer([float("nan"), float("inf"), -float("inf"), 1.5])["prediction"]) == [None, None, None, 1.5]
+    answer = decoded(infer_raw(echo.url, msgpack.packb([float("nan"), 2]), input_type="msgpack"))
+    assert answer["success"] is True and answer["prediction"] == [None, 2]
+    answer = infer_raw(echo.url, b'[1, "two", {"three": [3.25]}]', input_type="json")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/json")
+    assert answer.json() == {"success": True, "unique_id": answer.json()["unique_id"],
+                             "prediction": [1, "two", {"three": [3.25]}], "reason": None}

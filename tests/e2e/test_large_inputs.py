@@ -9,13 +9,16 @@ in each process.)"""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.helpers import RECIPES, serve
+from fastdeploy.payloads import UPLOAD_MARKER
+from tests.helpers import RECIPES, serve, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,3 +60,51 @@ def test_a_large_json_input_is_held_at_most_three_times_by_the_api_and_twice_by_
         gained = {role: (_kb(pids[role], "VmHWM") - base[role]) / 1024 for role in ("api", "loop")}
         assert gained["api"] <= 3 * MB + SLACK_MB, gained
         assert gained["loop"] <= 2 * MB + SLACK_MB, gained
+
+
+def _large_output_recipe(folder: Path) -> Path:
+    """A FILE recipe whose every output is a string of FD_TEST_OUTPUT_MB megabytes."""
+    (folder / "examples").mkdir(parents=True)
+    (folder / "examples" / "a.txt").write_bytes(b"example")
+    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
+    (folder / "predictor.py").write_text(
+        "import os\n\n\n"
+        "def predictor(inputs, batch_size=1):\n"
+        "    return ['y' * int(float(os.environ.get('FD_TEST_OUTPUT_MB', '0')) * 1024 * 1024) for _ in inputs]\n"
+    )
+    return folder
+
+
+def test_what_only_needs_a_jobs_status_never_reads_its_large_result(tmp_path) -> None:
+    """Issue #25 point 2: another key's /result, /cancel of a finished job and the upload sweep
+    decide on a job's status and owner alone; with a 50 MB result, the API server's peak memory
+    while they run stays far below one copy of it."""
+    result_mb = 50
+    recipe = _large_output_recipe(tmp_path / "recipe")
+    env = {"FD_TEST_OUTPUT_MB": str(result_mb), "BATCH_SIZE": "1"}
+    owner, other = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    with serve(recipe, args=["--api-keys", "key-a,key-b"], env=env) as server:
+        (api,) = [pid for pid in _children(server.proc.pid) if _role(pid) == "api"]
+        answer = requests.post(server.url + "/async", files={"a.txt": ("a.txt", b"x")}, headers=owner, timeout=30)
+        job_id = answer.json()["unique_id"]
+
+        def done() -> bool:  # the owner reads its result: that one read may cost a copy
+            read = requests.post(server.url + "/result", json={"unique_id": job_id}, headers=owner, timeout=60)
+            return read.json()["status"] == "done"
+
+        wait_until(done, 120, "the large result")
+        stale = server.state_dir / "files" / job_id  # a finished job's folder, as a loop that died leaves it
+        stale.mkdir(parents=True, exist_ok=True)
+        (stale / UPLOAD_MARKER).touch()
+        Path(f"/proc/{api}/clear_refs").write_text("5")  # the peak starts again from now
+        base = _kb(api, "VmRSS")
+        for _ in range(3):
+            refused = requests.post(server.url + "/result", json={"unique_id": job_id}, headers=other, timeout=30)
+            assert refused.status_code == 404, refused.text
+            conflict = requests.post(server.url + "/cancel", json={"unique_id": job_id}, headers=owner, timeout=30)
+            assert conflict.status_code == 409, conflict.text
+        long_ago = time.time() - 3600
+        os.utime(stale, (long_ago, long_ago))
+        wait_until(lambda: not stale.exists(), 30, "the sweep to remove a finished job's folder")
+        gained = (_kb(api, "VmHWM") - base) / 1024
+        assert gained < result_mb / 2, f"the API server's peak grew by {gained:.0f} MB"

@@ -21,7 +21,7 @@ import pytest
 
 from fastdeploy import uploads
 from tests.helpers import RECIPES, Server, serve, wait_until
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOCAL, Receiver
 
 PREDICTOR = """\
 import hashlib, os, time
@@ -57,14 +57,18 @@ LIMITS = ["--max-file-mb", "1", "--max-upload-mb", "2"]
 
 @pytest.fixture(scope="module")
 def server(recipe: Path) -> Iterator[Server]:
-    with serve(recipe, args=LIMITS) as started:
+    with serve(recipe, args=[*LIMITS, *ALLOW_LOCAL]) as started:  # webhooks to a local receiver
         yield started
 
 
 def left_files(server: Server) -> list[str]:
     """Every file (not folder) under the state folder's files/: what an upload left behind."""
-    root = server.state_dir / "files"
-    return [str(Path(d) / f) for d, _, names in os.walk(root) for f in names]
+    return uploaded_files(server.state_dir / "files")
+
+
+def uploaded_files(root: Path) -> list[str]:
+    """Every file under a files root but the API servers' own owner files (one per live process)."""
+    return [str(Path(d) / f) for d, _, names in os.walk(root) for f in names if f != uploads.OWNER_FILE]
 
 
 def sha(data: bytes) -> str:
@@ -274,7 +278,7 @@ def test_redis_serve_and_worker(recipe: Path, redis_url: str, tmp_path: Path, sh
         assert out["sha256"] == sha(content)
         if shared_folder:  # the worker read the API server's file where it lies, and deleted it after
             assert Path(out["path"]).parent.parent == tmp_path / "shared"
-            wait_until(lambda: not any(files for _, _, files in os.walk(tmp_path / "shared")), 10, "files deleted")
+            wait_until(lambda: not uploaded_files(tmp_path / "shared"), 10, "files deleted")
         else:  # carried inside the job: the worker wrote it to its own scratch folder
             assert "fastdeploy-files-" in out["path"]
 
@@ -363,7 +367,7 @@ def test_a_files_folder_that_refuses_is_503_with_a_reason_and_leaves_nothing(rec
         settle = httpx.post(api.url + "/async", files={"a.bin": ("a.bin", b"1")}, data={"unique_id": "taken"})
         assert settle.status_code == 503 and "cannot store the upload here" in settle.json()["reason"], settle.text
         assert str(tmp_path) not in settle.text and settle.headers["retry-after"]
-        assert list((shared / ".incoming").iterdir()) == []  # the incoming folder went with the refusal
+        assert not uploaded_files(shared / ".incoming")  # the upload's folder went with the refusal
         shutil.rmtree(shared)
         shared.write_bytes(b"not a folder")  # no upload folder can be made at all
         setup = httpx.post(api.url + "/async", files={"a.bin": ("a.bin", b"1")})
@@ -402,6 +406,9 @@ def test_a_stalled_upload_is_408_and_leaves_nothing(tmp_path: Path, monkeypatch:
         asyncio.run(upload(steady))
     assert stalled.value.status == 408 and "sent nothing for 0.3 s" in stalled.value.reason
     assert 1.2 < time.monotonic() - started < 2.5  # dropped after the silence, not during the steady part
+    # this process's own incoming folder holds its owner file only
+    assert [p.name for p in (tmp_path / uploads.INCOMING).glob("*/*")] == [uploads.OWNER_FILE]
+    uploads.let_go(tmp_path)
     assert list((tmp_path / uploads.INCOMING).iterdir()) == []
 
 

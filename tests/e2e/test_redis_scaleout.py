@@ -23,7 +23,7 @@ import requests
 
 from tests.helpers import TEST_RECIPES, Server, serve
 from tests.redis_server import PrivateRedis, delete_prefix
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOCAL_ENV, Receiver
 
 pytestmark = pytest.mark.redis
 
@@ -127,7 +127,7 @@ def shared(redis_base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     api_only = tmp_path_factory.mktemp("api-only") / "scaleout"
     shutil.copytree(RECIPE, api_only)
     (api_only / "predictor.py").write_text('raise ImportError("an API server must never import the predictor")\n')
-    env = {"FD_TEST_SLEEP": "0.2", "FASTDEPLOY_MAX_BATCH_SIZE": "8"}
+    env = {"FD_TEST_SLEEP": "0.2", "FASTDEPLOY_MAX_BATCH_SIZE": "8", **ALLOW_LOCAL_ENV}
     try:
         with cluster(url, env=env, api_recipes=[RECIPE, api_only]) as nodes:
             yield nodes
@@ -209,7 +209,7 @@ def test_webhooks_are_sent_once_per_job(shared):
 
 
 # -- faults -------------------------------------------------------------------------------------
-SLOW = {"FD_TEST_SLEEP": "1.5", "FASTDEPLOY_BATCH_SIZE": "4", "FASTDEPLOY_MAX_WAIT": "0"}
+SLOW = {"FD_TEST_SLEEP": "1.5", "FASTDEPLOY_BATCH_SIZE": "4", "FASTDEPLOY_MAX_WAIT": "0", **ALLOW_LOCAL_ENV}
 
 
 def test_worker_killed_mid_batch_loses_nothing(redis_url, tmp_path):

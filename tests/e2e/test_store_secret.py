@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fastdeploy.jobs import NOT_SIGNED_REASON, Outcome, encode_stage_outputs
+from fastdeploy.jobs import NOT_SIGNED_REASON, Binding, Outcome, encode_stage_outputs
 from fastdeploy.store import open_store
 from tests.helpers import ROOT, TEST_RECIPES, Server, serve
 
@@ -48,9 +48,9 @@ def old_format(pwned: Path) -> bytes:
     return b"P" + pickle.dumps({"i": [Touch(pwned)], "k": None})
 
 
-def forged(pwned: Path) -> bytes:
+def forged(pwned: Path, job_id: str) -> bytes:
     """The signed format, signed with a key that is not this service's."""
-    return encode_stage_outputs([Touch(pwned)], None, OTHER)
+    return encode_stage_outputs([Touch(pwned)], None, OTHER, Binding(job_id, 1, "127.0.0.1", 1))
 
 
 def assert_chain_works(server: Server, data: list[int]) -> None:
@@ -127,7 +127,7 @@ def test_a_payload_written_into_the_store_fails_its_job_and_runs_nothing(store, 
             taken = {job.id for job in intruder.claim(0, 100, "intruder", 30)}
             assert taken == {unsigned, wrong_key, at_stage_0}
             intruder.finish([Outcome(unsigned, 0, payload=old_format(pwned), n_items=1),
-                             Outcome(wrong_key, 0, payload=forged(pwned), n_items=1)], "intruder")
+                             Outcome(wrong_key, 0, payload=forged(pwned, wrong_key), n_items=1)], "intruder")
             intruder.release_worker("intruder")  # at_stage_0 goes back to the stage-0 queue
         finally:
             intruder.close()
@@ -178,7 +178,8 @@ def test_a_chain_on_a_broker_does_not_start_without_a_secret(redis_url, tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDEPLOY_")}
     env["FASTDEPLOY_STATE_DIR"] = str(tmp_path / "state")
     done = subprocess.run(
-        [sys.executable, "-m", "fastdeploy", command, str(CHAIN), "--broker", redis_url, "--port", "0"],
+        [sys.executable, "-m", "fastdeploy", command, str(CHAIN), "--broker", redis_url,
+         *(["--port", "0"] if command == "run" else [])],  # workers serve no HTTP: --port is refused there
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode != 0

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.helpers import RECIPES, TEST_RECIPES, serve
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOCAL, Receiver
 
 SLOW = TEST_RECIPES / "slow"
 
@@ -113,6 +113,60 @@ def test_the_keys_file_is_reread_on_sighup_without_dropping_requests(tmp_path):
         thread.join()
         assert server.post("/sync", {"data": [1]}, headers=bearer("old-key")).status_code == 401
         assert failures == [] and answered and server.proc.poll() is None
+
+
+def _refused_with(server, key: str, reason: str, timeout: float = 10) -> None:
+    """Until ``key`` gets 401 with ``reason`` (the API servers reload on SIGHUP, each on its own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = server.post("/sync", {"data": [1]}, headers=bearer(key))
+        if answer.status_code == 401 and reason in answer.json()["reason"]:
+            return
+        assert time.monotonic() < deadline, (answer.status_code, answer.text, server.log()[-2000:])
+        time.sleep(0.05)
+
+
+def test_emptying_the_keys_file_revokes_the_last_key_on_sighup_and_says_so(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("the-only-key-0123456789\n")
+    with serve(RECIPES / "echo", args=["--api-keys-file", str(keys)]) as server:
+        assert server.post("/sync", {"data": [1]}, headers=bearer("the-only-key-0123456789")).status_code == 200
+        keys.write_text("# every key removed\n")
+        server.proc.send_signal(signal.SIGHUP)
+        _refused_with(server, "the-only-key-0123456789", "accepts no API key at the moment")
+        warning = "WARNING [api pid"
+        assert server.log().count("the API keys file holds no key") == 1 and warning in server.log()
+        server.proc.send_signal(signal.SIGHUP)  # said again on every such reload
+        deadline = time.monotonic() + 10
+        while server.log().count("the API keys file holds no key") < 2:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        assert server.get("/health").status_code == 200 and server.get("/status.json").status_code == 401
+        keys.write_text("a-new-key-0123456789\n")  # and a key put back works again
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while server.post("/sync", {"data": [1]}, headers=bearer("a-new-key-0123456789")).status_code != 200:
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.05)
+        assert server.post("/sync", {"data": [1]}, headers=bearer("the-only-key-0123456789")).status_code == 401
+        assert "0123456789" not in server.log()  # keys are never logged
+
+
+def test_a_deleted_keys_file_revokes_its_keys_and_the_status_page_says_so(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("file-key-0123456789\n")
+    args = ["--api-keys", "inline-key-0123456789", "--api-keys-file", str(keys)]
+    with serve(RECIPES / "echo", args=args) as server:
+        assert server.get("/status.json", headers=bearer("inline-key-0123456789")).json()["warnings"] == []
+        assert server.post("/sync", {"data": [1]}, headers=bearer("file-key-0123456789")).status_code == 200
+        keys.unlink()
+        server.proc.send_signal(signal.SIGHUP)
+        _refused_with(server, "file-key-0123456789", "not valid")
+        assert server.post("/sync", {"data": [1]}, headers=bearer("inline-key-0123456789")).status_code == 200
+        [warning] = server.get("/status.json", headers=bearer("inline-key-0123456789")).json()["warnings"]
+        assert "the API keys file is missing" in warning and "the --api-keys keys are still accepted" in warning
+        assert str(tmp_path) not in warning  # no server path on a page every key holder sees
+        assert "the API keys file is missing" in server.log() and str(keys) in server.log()
 
 
 def test_a_bad_keys_file_stops_the_start_with_one_line(tmp_path):
@@ -214,7 +268,7 @@ def _wait_status(server, unique_id: str, want: str, timeout: float = 30) -> None
 def test_cancel_a_queued_a_running_and_a_finished_job(store_args, tmp_path):
     log = tmp_path / "calls.jsonl"
     env = {"FD_TEST_SLEEP": "1.0", "BATCH_SIZE": "1", "FD_TEST_LOG": str(log)}
-    with Receiver() as receiver, serve(SLOW, args=store_args, env=env) as server:
+    with Receiver() as receiver, serve(SLOW, args=[*store_args, *ALLOW_LOCAL], env=env) as server:
         running = server.post("/async", {"data": ["running"]}).json()["unique_id"]
         _wait_status(server, running, "processing")
         queued = server.post("/async", {"data": ["queued"], "webhook": receiver.url + "/ok"}).json()["unique_id"]
@@ -239,8 +293,9 @@ def test_cancel_a_queued_a_running_and_a_finished_job(store_args, tmp_path):
 
 # -- webhook delivery state in /result ------------------------------------------------------
 def test_result_tells_how_the_webhook_delivery_stands(store_args):
-    env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "2", "FASTDEPLOY_WEBHOOK_BACKOFF": "0.1"}
-    with Receiver() as receiver, serve(RECIPES / "echo", args=store_args, env=env) as server:
+    # a failed attempt is counted once its --webhook-timeout has run out: 2 s keeps the test short
+    env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "2", "FASTDEPLOY_WEBHOOK_BACKOFF": "0.1", "FASTDEPLOY_WEBHOOK_TIMEOUT": "2"}
+    with Receiver() as receiver, serve(RECIPES / "echo", args=[*store_args, *ALLOW_LOCAL], env=env) as server:
         ok = server.post("/async", {"data": [1], "webhook": receiver.url + "/ok"}).json()["unique_id"]
         dead = server.post("/async", {"data": [2], "webhook": "http://127.0.0.1:9/refused"}).json()["unique_id"]
         plain = server.post("/async", {"data": [3]}).json()["unique_id"]
@@ -255,6 +310,7 @@ def test_result_tells_how_the_webhook_delivery_stands(store_args):
                 break
             assert time.monotonic() < deadline, states
             time.sleep(0.1)
-        assert states[ok] == {"status": "delivered", "attempts": 1, "last_error": None}
-        assert states[dead]["attempts"] == 2 and states[dead]["last_error"]
+        assert {k: v for k, v in states[ok].items() if k != "last_attempt_at"} == {"status": "delivered", "attempts": 1}
+        assert states[dead] == {"status": "failed", "attempts": 2, "last_attempt_at": states[dead]["last_attempt_at"]}
+        assert states[ok]["last_attempt_at"] <= time.time() and states[dead]["last_attempt_at"] <= time.time()
         assert states[plain] is None  # no webhook asked for, none reported

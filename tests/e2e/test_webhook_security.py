@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.helpers import RECIPES, ROOT, Server, free_port, serve
-from tests.webhook_receiver import HUGE_REPLY_BYTES, Receiver
+from tests.helpers import RECIPES, ROOT, Server, free_port, serve, wait_until
+from tests.webhook_receiver import ALLOW_LOCAL, HUGE_REPLY_BYTES, Receiver
 
 SECRET = "whsec_" + "c2lnbmVkIHdlYmhvb2tzIGZvciBmYXN0RGVwbG95IHRlc3Rz"  # 36 bytes
 
@@ -42,8 +42,9 @@ def _api_rss_kib(server: Server) -> int:
 
 
 def test_every_delivery_is_signed_and_verifies_including_retries(store_args):
-    env = {"FASTDEPLOY_WEBHOOK_SECRET": SECRET, "FASTDEPLOY_WEBHOOK_BACKOFF": "0.6"}
-    with Receiver(secret=SECRET) as receiver, serve(RECIPES / "echo", args=store_args, env=env) as server:
+    # a failed attempt is counted once its --webhook-timeout has run out: a short one keeps retries quick
+    env = {"FASTDEPLOY_WEBHOOK_SECRET": SECRET, "FASTDEPLOY_WEBHOOK_BACKOFF": "0.6", "FASTDEPLOY_WEBHOOK_TIMEOUT": "1"}
+    with Receiver(secret=SECRET) as receiver, serve(RECIPES / "echo", args=[*store_args, *ALLOW_LOCAL], env=env) as server:
         first = server.post("/async", {"data": [1], "webhook": receiver.url + "/ok"}).json()["unique_id"]
         flaky = server.post("/async", {"data": [2], "webhook": receiver.url + "/flaky?x=1"}).json()["unique_id"]
         receiver.wait_for("/ok", 1)
@@ -83,7 +84,7 @@ def test_malformed_secret_stops_the_command_naming_the_option():
 
 
 def test_metadata_addresses_and_bad_urls_are_refused_at_submit():
-    with serve(RECIPES / "echo") as server:
+    with serve(RECIPES / "echo", args=ALLOW_LOCAL) as server:  # even where private addresses are allowed
         refused = {
             "http://169.254.169.254/latest/meta-data/": "link-local address 169.254.169.254",
             "http://[::ffff:169.254.169.254]/": "link-local address",
@@ -101,25 +102,62 @@ def test_metadata_addresses_and_bad_urls_are_refused_at_submit():
         assert "hunter2" not in server.log()
 
 
-def test_deny_private_refuses_a_name_at_send_time():
-    with Receiver() as receiver, serve(RECIPES / "echo", args=["--webhook-deny-private"]) as server:
+def test_by_default_a_name_that_resolves_to_loopback_is_refused_at_send_time():
+    env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "2", "FASTDEPLOY_WEBHOOK_BACKOFF": "0.1", "FASTDEPLOY_WEBHOOK_TIMEOUT": "1"}
+    with Receiver() as receiver, serve(RECIPES / "echo", env=env) as server:
         webhook = f"http://localhost:{receiver.port}/ok?token=hunter2"
         answer = server.post("/async", {"data": ["x"], "webhook": webhook})
         assert answer.status_code == 200, answer.text  # a name: checked when it is resolved, at send time
-        assert server.wait_result(answer.json()["unique_id"])["status"] == "done"
-        log = _wait_for_log(server, "refused: localhost resolves to loopback address")
-        time.sleep(1.5)
-        log = server.log()
-        assert log.count("abandoned without retrying") == 1, log  # final: no retries
-        assert f"http://localhost:{receiver.port}/ok " in log and "hunter2" not in log
+        unique_id = answer.json()["unique_id"]
+        assert server.wait_result(unique_id)["status"] == "done"
+        log = _wait_for_log(server, f"webhook for {unique_id} to http://localhost:{receiver.port}/ok abandoned after "
+                                    "2 attempts: refused: localhost resolves to loopback address")
+        assert "--webhook-allow-private" in log and "hunter2" not in log
+        webhook_state = server.post("/result", {"unique_id": unique_id}).json()["webhook"]
+        assert (webhook_state["status"], webhook_state["attempts"]) == ("failed", 2)  # as any failure: retried
+        assert "refused" not in str(webhook_state) and "loopback" not in str(webhook_state)
         assert receiver.posts == []
 
 
-def test_deny_private_refuses_private_literals_at_submit():
-    with serve(RECIPES / "echo", args=["--webhook-deny-private"]) as server:
-        for url in ("http://127.0.0.1:9/", "http://[::1]:9/", "http://10.1.2.3/", "http://192.168.0.10/"):
+def test_by_default_private_literals_are_refused_at_submit_naming_the_option():
+    with serve(RECIPES / "echo") as server:
+        for url in ("http://127.0.0.1:9/", "http://[::1]:9/", "http://10.1.2.3/", "http://192.168.0.10/",
+                    "http://[fec0::1]/", "http://[::10.1.2.3]/", "http://[64:ff9b::10.1.2.3]/"):
             answer = server.post("/async", {"data": [1], "webhook": url})
-            assert answer.status_code == 400 and "--webhook-deny-private" in answer.json()["reason"], (url, answer.text)
+            assert answer.status_code == 400, (url, answer.text)
+            reason = answer.json()["reason"]
+            assert answer.json()["success"] is False and "--webhook-allow-private" in reason, (url, reason)
+            assert "--webhook-hosts" in reason and "FASTDEPLOY_WEBHOOK_ALLOW_PRIVATE" in reason, reason
+
+
+def test_result_tells_a_client_the_outcome_of_its_webhook_never_why_it_failed():
+    """A client that points webhooks at a closed port, a silent one and a web server learns from
+    /result only that each failed, after how many attempts and when: never what listens there."""
+    env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "2", "FASTDEPLOY_WEBHOOK_BACKOFF": "0.1", "FASTDEPLOY_WEBHOOK_TIMEOUT": "0.5"}
+    with Receiver() as receiver, serve(RECIPES / "echo", args=ALLOW_LOCAL, env=env) as server:
+        targets = {"closed": "http://127.0.0.1:9/closed", "silent": receiver.url + "/hang",
+                   "http 500": receiver.url + "/flaky", "redirect": receiver.url + "/redirect", "ok": receiver.url + "/ok?token=hunter2"}
+        started = time.time()
+        ids = {kind: server.post("/async", {"data": [kind], "webhook": url}).json()["unique_id"]
+               for kind, url in targets.items()}
+
+        def settled() -> dict[str, dict]:  # {} until every webhook is delivered or given up
+            found = {kind: server.post("/result", {"unique_id": i}).json().get("webhook") for kind, i in ids.items()}
+            return found if all(w and w["status"] != "pending" for w in found.values()) else {}
+
+        seen = wait_until(settled, timeout=30, what="every webhook settled")
+        for kind, state in seen.items():
+            assert set(state) == {"status", "attempts", "last_attempt_at"}, (kind, state)
+            assert started <= state["last_attempt_at"] <= time.time(), (kind, state)
+        assert {kind: (s["status"], s["attempts"]) for kind, s in seen.items()} == {
+            "closed": ("failed", 2), "silent": ("failed", 2), "http 500": ("failed", 2), "redirect": ("failed", 2),
+            "ok": ("delivered", 1)}
+        log = server.log()  # the operator reads why, with the job's id and where
+        assert f"webhook for {ids['closed']} to http://127.0.0.1:9/closed abandoned after 2 attempts: could not" in log
+        assert f"webhook for {ids['silent']} to {receiver.url}/hang abandoned after 2 attempts: no answer" in log
+        assert f"webhook for {ids['http 500']} to {receiver.url}/flaky abandoned after 2 attempts: HTTP 500" in log
+        assert f"webhook for {ids['redirect']} to {receiver.url}/redirect abandoned after 2 attempts: HTTP 302" in log
+        assert receiver.received("/ok?token=hunter2") and "hunter2" not in log  # a query may hold a token
 
 
 def test_webhook_hosts_is_an_allow_list_checked_at_submit():
@@ -134,7 +172,7 @@ def test_webhook_hosts_is_an_allow_list_checked_at_submit():
 
 def test_redirects_are_not_followed():
     env = {"FASTDEPLOY_WEBHOOK_ATTEMPTS": "1"}
-    with Receiver() as receiver, serve(RECIPES / "echo", env=env) as server:
+    with Receiver() as receiver, serve(RECIPES / "echo", args=ALLOW_LOCAL, env=env) as server:
         server.post("/async", {"data": [1], "webhook": receiver.url + "/redirect"})
         receiver.wait_for("/redirect", 1)
         _wait_for_log(server, "abandoned after 1 attempts: HTTP 302")
@@ -142,7 +180,7 @@ def test_redirects_are_not_followed():
 
 
 def test_a_huge_reply_is_not_read_and_counts_as_delivered():
-    with Receiver() as receiver, serve(RECIPES / "echo") as server:
+    with Receiver() as receiver, serve(RECIPES / "echo", args=ALLOW_LOCAL) as server:
         server.post("/async", {"data": ["warm-up"], "webhook": receiver.url + "/ok"})
         receiver.wait_for("/ok", 1)
         time.sleep(0.5)

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fastdeploy.jobs import NOT_SIGNED_REASON, JobStatus, NewJob, encode_inputs, encode_stage_outputs, new_job_id
+from fastdeploy.jobs import NOT_SIGNED_REASON, Binding, JobStatus, NewJob, encode_inputs, encode_stage_outputs, new_job_id
 from tests.helpers import TEST_RECIPES
 
 CHAIN = TEST_RECIPES / "chain"
@@ -57,7 +57,7 @@ def test_forged_stage_payloads_fail_their_job_and_run_nothing(inproc, tmp_path):
     claimed[old.id] = dataclasses.replace(
         claimed[old.id], payload=b"P" + pickle.dumps({"i": [Touch(pwned)], "k": None}))
     claimed[forged.id] = dataclasses.replace(
-        claimed[forged.id], payload=encode_stage_outputs([Touch(pwned)], None, OTHER))
+        claimed[forged.id], payload=encode_stage_outputs([Touch(pwned)], None, OTHER, claimed[forged.id].binding()))
     second.process(list(claimed.values()))
 
     views = store.get([good.id, old.id, forged.id])
@@ -75,7 +75,7 @@ def test_a_pickle_submitted_at_stage_0_is_refused(inproc, tmp_path):
     first, _ = _two_loops(inproc, store_secret=SECRET)
     store = first.store
     pwned = tmp_path / "pwned"
-    signed = encode_stage_outputs([Touch(pwned)], None, SECRET)  # even one signed with the service's key
+    signed = encode_stage_outputs([Touch(pwned)], None, SECRET, Binding("j", 0, "", 1))  # even one signed with the service's key
     unsigned = b"P" + pickle.dumps({"i": [Touch(pwned)], "k": None})
     jobs = [NewJob(new_job_id(), payload, 1, 5) for payload in (signed, unsigned)]
     store.submit(jobs)
@@ -102,3 +102,4 @@ def test_stages_with_different_secrets_fail_the_job_with_the_hint(inproc):
     assert view.status is JobStatus.FAILED
     assert "check --store-secret on every host" in view.reason
     assert not (inproc.state / "store_secret").exists()  # a given secret: nothing generated
+

@@ -6,6 +6,7 @@ Time-dependent behaviour (leases, silent workers, result expiry) is driven throu
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Optional
@@ -13,7 +14,7 @@ from typing import Optional
 import orjson
 import pytest
 
-from fastdeploy.jobs import TIMED_OUT_REASON, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
+from fastdeploy.jobs import TIMED_OUT_REASON, JobState, JobStatus, JobView, NewJob, Outcome, WebhookState, WorkerInfo
 from fastdeploy.store.base import MAX_ATTEMPTS, Outbox, Store
 
 FAR = 1e9  # a worker timeout or TTL that never triggers
@@ -54,6 +55,15 @@ def test_submit_then_get(store):
     assert views["a"].status is JobStatus.QUEUED and views["a"].result is None
     assert store.get([]) == {}
     store.submit([])  # nothing to do, no error
+
+
+def test_states_tell_status_and_owner_without_the_result(store):
+    store.submit([NewJob("a", b"p", 1, 9, owner="key:a"), NewJob("b", b"p", 1, 9)])
+    store.claim(0, 1, "w1", 30)
+    store.finish([Outcome("a", 0, result=b'["' + b"x" * 100 + b'"]')], "w1")
+    states = store.states(["a", "b", "unknown"])
+    assert states == {"a": JobState(JobStatus.DONE, "key:a"), "b": JobState(JobStatus.QUEUED, "")}
+    assert store.states([]) == {}
 
 
 def test_claim_returns_payload_and_marks_processing(store):
@@ -197,6 +207,49 @@ def test_job_predicted_twice_is_recorded_once(store):
     assert status(store, "a") is JobStatus.DONE and store.unfinished() == 0
 
 
+def test_only_a_loop_no_other_holds_the_job_behind_may_delete_its_inputs(store):
+    """Issue #25 point 1: w1's lease runs out mid-prediction and w2 claims the job again. w1 records
+    first (its outcome counts) but must not delete the inputs w2 is reading; w2, recording after,
+    may. Jobs no one else holds are free to the loop that records them, whatever became of them."""
+    store.submit([job("a"), job("b"), job("c")])
+    assert ids(store.claim(0, 8, "w1", 30)) == ["a", "b", "c"]
+    store.maintain(time.time() + 60, FAR, FAR)  # w1's leases ran out: back in the queue
+    assert ids(store.claim(0, 1, "w2", 30)) == ["a"]  # a is claimed again; b and c wait in the queue
+    free = store.finish([done("a", value="from w1"), done("b"), done("c")], "w1")
+    assert sorted(free) == ["b", "c"]  # a: w2 reads its inputs now
+    assert store.get(["a"])["a"].result == b'["from w1"]'  # the first outcome still wins
+    assert store.finish([done("a", value="from w2")], "w2") == ["a"]  # ignored, and nobody else holds it
+    assert store.finish([done("gone")], "w2") == ["gone"]  # a job the store no longer has holds nothing
+    store.submit([job("d")])
+    store.claim(0, 8, "w3", 30)
+    assert store.finish([Outcome("d", 0, payload=b"next", n_items=1)], "w3") == ["d"]  # moved on: stage 0 is free
+    store.claim(1, 8, "w4", 30)
+    assert store.finish([Outcome("d", 0, payload=b"again", n_items=1)], "w3") == ["d"]  # w4 holds stage 1, not 0
+
+
+def test_upgrade_signs_an_earlier_versions_payloads_of_unfinished_jobs_for_their_jobs(store):
+    """Issue #25 point 4 with a store secret: a chain's stage-1 payloads written before payloads named
+    their job are signed for it at start-up; finished jobs and this version's payloads are left alone."""
+    from fastdeploy.jobs import Binding, decode_payload, upgraded_payload
+    from tests.old_redis_layout import legacy_stage_payload
+
+    secret = "0123456789abcdef" * 4
+    store.submit([job("a"), job("b")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a", 0, payload=legacy_stage_payload([1], secret), n_items=1),
+                  Outcome("b", 0, payload=legacy_stage_payload([2], secret), n_items=1)], "w1")
+    store.claim(1, 1, "w2", 30)  # one of them is being predicted: it is signed again too
+    resign = functools.partial(upgraded_payload, stage_secret=secret, job_secret="")
+    assert store.upgrade(resign) == 2
+    assert store.upgrade(resign) == 0
+    store.release_worker("w2")
+    claimed = store.claim(1, 8, "w3", 30)
+    assert sorted(c.id for c in claimed) == ["a", "b"]
+    for c in claimed:
+        assert c.payload[:2] == b"S2"
+        assert decode_payload(c.payload, secret, Binding(c.id, 1, c.owner, c.n_items))[0] in ([1], [2])
+
+
 def test_outcome_for_a_requeued_job_still_counts(store):
     store.submit([job("a")])
     store.claim(0, 8, "w1", 30)
@@ -290,6 +343,28 @@ def test_results_expire_after_the_ttl(store):
     assert store.unfinished() == 0
 
 
+def test_a_prediction_its_caller_waited_for_expires_after_its_own_shorter_ttl(store):
+    """A /sync job (it has an origin) that succeeded is kept ``waited_ttl``: its caller has the answer.
+    Its failures stay ``result_ttl`` (the status page lists them), as /async jobs do. Redis expires a
+    job by its key's own TTL, on its own clock: the TTLs are published first and the test waits them out."""
+    store.maintain(time.time(), 3600, FAR, waited_ttl=0.05)
+    store.submit([job("sync-done", origin="api-1"), job("sync-failed", origin="api-1"), job("async-done")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("sync-done"), Outcome("sync-failed", 0, reason="bad"), done("async-done")], "w1")
+    assert set(store.get(["sync-done", "sync-failed", "async-done"])) == {"sync-done", "sync-failed", "async-done"}
+    time.sleep(0.2)
+    store.maintain(time.time(), 3600, FAR, waited_ttl=0.05)
+    assert set(store.get(["sync-done", "sync-failed", "async-done"])) == {"sync-failed", "async-done"}
+    assert [f.unique_id for f in store.recent_failures(10)] == ["sync-failed"]
+    store.submit([job("sync-done", origin="api-1")])  # its id is free again
+    store.maintain(time.time(), 0.05, FAR, waited_ttl=7200)  # never kept longer than any other result
+    store.claim(0, 8, "w1", 30)
+    store.finish([done("sync-done")], "w1")
+    time.sleep(0.2)
+    store.maintain(time.time(), 0.05, FAR, waited_ttl=7200)
+    assert store.get(["sync-done"]) == {}
+
+
 def test_unfinished_and_queue_depths(store):
     assert store.unfinished() == 0 and store.queue_depths(3) == [0, 0, 0]
     store.submit([job("a"), job("b"), job("c")])
@@ -327,29 +402,36 @@ def test_webhook_outbox_claim_lease_retry_delivered(store):
     assert again.job_id == "a" and again.attempts == 0
     assert store.get(["a"])["a"].webhook == WebhookState("pending", 0, None)
     assert store.get(["b"])["b"].webhook is None  # no webhook, no state
-    store.webhook_retry("a", time.time() + 100, "HTTP 500")
+    before = time.time()
+    store.webhook_retry("a", time.time() + 100)
     assert store.claim_webhooks(10, 30) == []  # not due yet
-    assert store.get(["a"])["a"].webhook == WebhookState("pending", 1, "HTTP 500")
-    store.webhook_retry("a", time.time() - 1, "ConnectError: refused")
+    first = store.get(["a"])["a"].webhook
+    assert first is not None and (first.status, first.attempts) == ("pending", 1)
+    assert first.last_attempt_at is not None and before <= first.last_attempt_at <= time.time()
+    store.webhook_retry("a", time.time() - 1)
     (retried,) = store.claim_webhooks(10, 30)
     assert retried.attempts == 2
     store.webhook_delivered("a")
-    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 3, None)
-    store.webhook_retry("a", time.time() - 1, "late")  # a late retry after delivery resurrects nothing
+    delivered = store.get(["a"])["a"].webhook
+    assert delivered is not None and (delivered.status, delivered.attempts) == ("delivered", 3)
+    assert delivered.last_attempt_at is not None and first.last_attempt_at <= delivered.last_attempt_at <= time.time()
+    store.webhook_retry("a", time.time() - 1)  # a late retry after delivery resurrects nothing
     assert store.claim_webhooks(10, 0.01) == []
     time.sleep(0.05)
     assert store.claim_webhooks(10, 30) == []
-    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 3, None)
+    assert store.get(["a"])["a"].webhook == delivered
 
 
-def test_a_webhook_given_up_shows_failed_with_its_last_error(store):
+def test_a_webhook_given_up_shows_failed_and_when(store):
     store.submit([job("a", webhook="http://127.0.0.1:1/hook")])
     store.claim(0, 8, "w1", 30)
     store.finish([done("a")], "w1")
     (delivery,) = store.claim_webhooks(10, 30)
-    store.webhook_failed("a", "refused: resolves to link-local address 169.254.169.254")
-    assert store.get(["a"])["a"].webhook == WebhookState(
-        "failed", 1, "refused: resolves to link-local address 169.254.169.254")
+    before = time.time()
+    store.webhook_failed("a")
+    state = store.get(["a"])["a"].webhook
+    assert state is not None and (state.status, state.attempts) == ("failed", 1)
+    assert state.last_attempt_at is not None and before <= state.last_attempt_at <= time.time()
     time.sleep(0.05)
     assert store.claim_webhooks(10, 30) == []
 
@@ -624,8 +706,132 @@ def test_the_outbox_counts_pending_delivered_and_given_up_webhooks_once(store):
     store.finish([done("a"), done("b"), done("c")], "w1")
     assert store.outbox() == Outbox(3, 0, 0)
     store.webhook_delivered("a")
-    store.webhook_failed("b", "refused")
+    store.webhook_failed("b")
     store.webhook_delivered("a")  # told twice (two senders): counted once
-    store.webhook_failed("a", "late")  # a delivered webhook is not given up afterwards
+    store.webhook_failed("a")  # a delivered webhook is not given up afterwards
     assert store.outbox() == Outbox(1, 1, 1)
-    assert store.get(["a"])["a"].webhook == WebhookState("delivered", 1, None)
+    state = store.get(["a"])["a"].webhook
+    assert state is not None and (state.status, state.attempts) == ("delivered", 1)
+
+
+# -- the per-key bound, in the write itself (issue 19 point 3) ------------------------------
+def unfinished_of(store: Store, owner: str, limit: int = 8) -> int:
+    """The owner's unfinished jobs as the bound sees them (one more than ``limit`` probes, all refused,
+    nothing written), checked against ``unfinished_by_owner``."""
+    from fastdeploy.errors import OwnerLimitReached
+
+    probes = [owned(f"probe-{i}", owner) for i in range(limit + 1)]
+    with pytest.raises(OwnerLimitReached) as refused:
+        store.submit(probes, owner_limit=limit)
+    counted = limit - (len(probes) - len(refused.value.ids))
+    assert counted == store.unfinished_by_owner().get(owner, 0)
+    return counted
+
+
+def test_submit_refuses_the_jobs_past_their_owners_bound_and_writes_nothing(store):
+    from fastdeploy.errors import OwnerLimitReached, TooManyRequests
+
+    store.submit([owned("a1", "key-a"), owned("a2", "key-a")], owner_limit=3)
+    store.claim(0, 1, "w1", 30)  # processing counts as much as queued
+    with pytest.raises(OwnerLimitReached) as refused:
+        store.submit([owned("a3", "key-a"), owned("b1", "key-b"), owned("a4", "key-a"), owned("a5", "key-a")],
+                     owner_limit=3)
+    assert refused.value.ids == ("a4", "a5") and isinstance(refused.value, TooManyRequests)
+    assert "QUEUE_LIMIT_PER_KEY=3" in refused.value.reason
+    assert store.get(["a3", "a4", "a5", "b1"]) == {}  # all or nothing, as for ids in use
+    store.submit([owned("a3", "key-a"), owned("b1", "key-b")], owner_limit=3)  # the rest go through
+    assert store.unfinished_by_owner() == {"key-a": 3, "key-b": 1}
+    with pytest.raises(OwnerLimitReached):
+        store.submit([owned("a4", "key-a")], owner_limit=3)
+    store.submit([owned("a4", "key-a")])  # no bound asked for: none applied
+
+
+def test_an_id_in_use_is_named_before_the_bound(store):
+    from fastdeploy.errors import JobExists
+
+    store.submit([owned("a1", "key-a")], owner_limit=1)
+    with pytest.raises(JobExists):
+        store.submit([owned("a1", "key-a"), owned("a2", "key-a")], owner_limit=1)
+
+
+def test_the_bound_frees_a_place_once_for_each_way_a_job_ends(store):
+    """Done, failed, cancelled (queued or running), timed out, given up after killing loops: each frees one
+    place, once, however often its end is reported; moving to the next stage or back to the queue frees none."""
+    from fastdeploy.errors import OwnerLimitReached
+
+    late = NewJob("late", b"p", 1, 0, time.time() - 1, None, None, "k")  # first in its lane, timed out
+    names = ["done", "failed", "next", "poison-1", "poison-2", "cancel-run", "cancel-q"]
+    store.submit([late] + [owned(n, "k") for n in names], owner_limit=8)
+    assert unfinished_of(store, "k") == 8
+    claimed = ids(store.claim(0, 6, "w1", 30))  # "late" times out at the claim
+    assert claimed == names[:6] and unfinished_of(store, "k") == 7
+    store.finish([done("done"), Outcome("failed", 0, reason="broke"), Outcome("next", 0, payload=b"n", n_items=1)],
+                 "w1")
+    store.finish([done("done"), Outcome("failed", 0, reason="again")], "w1")  # told twice: counted once
+    store.cancel(["done", "cancel-q", "cancel-run"], "cancelled", 409, status=JobStatus.CANCELLED, running=True)
+    assert unfinished_of(store, "k") == 3  # next (at stage 1), poison-1, poison-2
+    store.submit([owned(f"x{i}", "k") for i in range(5)], owner_limit=8)
+    with pytest.raises(OwnerLimitReached):
+        store.submit([owned("x5", "k")], owner_limit=8)
+    store.cancel([f"x{i}" for i in range(5)], "cancelled", 409, status=JobStatus.CANCELLED)
+    store.release_worker("w1")  # back in the queue: still unfinished
+    assert unfinished_of(store, "k") == 3
+    for attempt in range(1, MAX_ATTEMPTS):  # each claim of theirs kills its loop
+        assert sorted(ids(store.claim(0, 8, f"w{attempt + 1}", 30))) == ["poison-1", "poison-2"]
+        store.release_worker(f"w{attempt + 1}")
+    assert status(store, "poison-1") is JobStatus.FAILED and unfinished_of(store, "k") == 1
+    store.submit([owned(f"y{i}", "k") for i in range(7)], owner_limit=8)
+    assert unfinished_of(store, "k") == 8
+
+
+def test_the_bound_holds_between_handles_writing_at_once(open_store):
+    """Two handles act as two API servers: between them, never more than the bound."""
+    from fastdeploy.errors import OwnerLimitReached
+
+    handles = [open_store(), open_store()]
+    accepted: list[str] = []
+    start = threading.Barrier(2)
+
+    def write(handle: Store, side: str) -> None:
+        start.wait()
+        for i in range(15):
+            try:
+                handle.submit([owned(f"{side}{i}", "key-a")], owner_limit=10)
+                accepted.append(f"{side}{i}")
+            except OwnerLimitReached:
+                pass
+
+    threads = [threading.Thread(target=write, args=(h, side)) for h, side in zip(handles, "pq")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(accepted) == 10 and handles[0].unfinished_by_owner() == {"key-a": 10}
+
+
+# -- failures per owner (issue 19 point 4) ----------------------------------------------------
+def test_an_owners_failures_are_kept_however_many_another_owner_makes(store):
+    store.submit([owned("a-bad", "key-a")])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome("a-bad", 0, reason="a broke")], "w1")
+    for start in range(0, 60, 20):
+        store.submit([owned(f"b{i}", "key-b") for i in range(start, start + 20)])
+        store.finish([Outcome(c.id, 0, reason="b broke") for c in store.claim(0, 100, "w1", 30)], "w1")
+    (mine,) = store.recent_failures(10, "key-a")
+    assert (mine.unique_id, mine.reason, mine.owner) == ("a-bad", "a broke", "key-a")
+    theirs = store.recent_failures(10, "key-b")
+    assert len(theirs) == 10 and {f.owner for f in theirs} == {"key-b"}
+    assert theirs[0].at >= theirs[-1].at
+    assert store.recent_failures(10, "key-c") == []
+    assert all(f.unique_id != "a-bad" for f in store.recent_failures(50))  # of everyone: the newest
+
+
+def test_get_for_an_owner_leaves_out_other_owners_jobs(store):
+    store.submit([NewJob("mine", b"p", 1, 9, owner="key:a"), NewJob("theirs", b"p", 1, 9, owner="key:b"),
+                  NewJob("anon", b"p", 1, 9)])
+    store.claim(0, 8, "w1", 30)
+    store.finish([Outcome(i, 0, result=b'["r"]') for i in ("mine", "theirs", "anon")], "w1")
+    views = store.get(["mine", "theirs", "anon", "unknown"], "key:a")
+    assert set(views) == {"mine"} and views["mine"].result == b'["r"]' and views["mine"].owner == "key:a"
+    assert set(store.get(["mine", "anon"], "")) == {"anon"}
+    assert set(store.get(["mine", "theirs", "anon"])) == {"mine", "theirs", "anon"}

@@ -149,10 +149,11 @@ def test_the_store_recovers_when_redis_restarts():
 
 
 def test_nothing_is_left_behind_once_results_expire(redis_url):
-    """Steady load leaves no per-job keys once results expire: memory does not grow without bound."""
+    """Steady load leaves no per-job keys once results expire: memory does not grow without bound.
+    A job expires by its key's TTL, on Redis's own clock (only a webhook's record needs the sweep)."""
     store = RedisStore(redis_url)
     try:
-        store.maintain(time.time(), 60, 60)
+        store.maintain(time.time(), 1, 60)
         for round_ in range(5):
             batch = [job(f"r{round_}-{i}", webhook="http://h/x" if i % 2 else None) for i in range(40)]
             store.submit(batch)
@@ -162,10 +163,84 @@ def test_nothing_is_left_behind_once_results_expire(redis_url):
             for delivery in store.claim_webhooks(100, 30):
                 store.webhook_delivered(delivery.job_id)
         store.release_worker("w")
-        store.maintain(time.time() + 61, 60, 60)
+        time.sleep(1.1)
+        store.maintain(time.time(), 1, 60)
         left = {key.decode().removeprefix(store.keys.prefix + ":") for key in store._redis.scan_iter(store.keys.pattern())}
         assert left <= {"seq", "config", "stages", "bell:0", "tallies", "failures"}, left  # counters, settings, the last 50 failures; the bell expires by itself
         assert store._redis.ttl(store.keys.bell(0)) > 0
     finally:
         store.close()
 
+
+
+def _owned(job_id: str, owner: str) -> NewJob:
+    return NewJob(job_id, b"x", 1, 9, None, None, None, owner)
+
+
+def test_an_owners_failures_list_is_bounded_and_expires_with_the_results(redis_url):
+    """Kept per owner so another key's flood does not push them out, and gone once the owner is: keys of
+    owners that stopped coming do not pile up."""
+    store = RedisStore(redis_url)
+    try:
+        store.maintain(time.time(), 120, 60)
+        store.submit([_owned(f"b{i}", "key-b") for i in range(60)])
+        store.finish([Outcome(c.id, 0, reason="bad") for c in store.claim(0, 100, "w", 30)], "w")
+        assert store._redis.llen(store.keys.failed("key-b")) == 50
+        assert 0 < store._redis.ttl(store.keys.failed("key-b")) <= 120
+    finally:
+        store.close()
+
+
+def test_the_counts_behind_the_per_key_bound_are_put_right_by_maintenance(redis_url):
+    """The submit script checks the bound against counts kept job by job; maintenance recounts them from
+    the lanes and leases, so a count gone astray (keys deleted by hand, jobs of an earlier version) heals,
+    and an owner with nothing unfinished leaves nothing behind."""
+    from fastdeploy.errors import OwnerLimitReached
+
+    store = RedisStore(redis_url)
+    try:
+        store.submit([_owned("a1", "key-a"), _owned("a2", "key-a")], owner_limit=2)
+        store._redis.hset(store.keys.owned, "key-a", 0)  # astray: the next submit would pass the bound
+        store.maintain(time.time(), 60, 60)
+        with pytest.raises(OwnerLimitReached):
+            store.submit([_owned("a3", "key-a")], owner_limit=2)
+        store._redis.hset(store.keys.owned, "key-a", 99)  # astray the other way: key-a would be shut out
+        store.maintain(time.time(), 60, 60)
+        store.cancel(["a1", "a2"], "cancelled", 409)
+        store.submit([_owned("a3", "key-a"), _owned("a4", "key-a")], owner_limit=2)
+        store.cancel(["a3", "a4"], "cancelled", 409)
+        assert store._redis.exists(store.keys.owned) == 0
+    finally:
+        store.close()
+
+
+def test_a_count_that_is_not_a_number_never_breaks_a_submit_or_a_finish(redis_url):
+    """Whoever can write to Redis is untrusted: a mangled count is dropped, and the recount restores it."""
+    store = RedisStore(redis_url)
+    try:
+        store.submit([_owned("a1", "key-a")], owner_limit=5)
+        store._redis.hset(store.keys.owned, "key-a", "lots")
+        store.submit([_owned("a2", "key-a")], owner_limit=5)
+        store.finish([Outcome(c.id, 0, result=b"[1]") for c in store.claim(0, 8, "w", 30)], "w")
+        store.maintain(time.time(), 60, 60)
+        assert store._redis.hgetall(store.keys.owned) == {}
+    finally:
+        store.close()
+
+
+def test_jobs_an_earlier_version_queued_per_stage_are_claimed_after_the_upgrade(redis_url):
+    """Issue #25 point 4: the per-stage queues of the version before fair share, moved into lanes in order."""
+    from tests.old_redis_layout import write_old_queue
+
+    write_old_queue(redis_url, [("old-1", [1]), ("old-2", [2, 3]), ("old-3", [4])])
+    store = RedisStore(redis_url)
+    try:
+        assert store.claim(0, 8, "w1", 30) == []  # not seen before the upgrade
+        assert store.upgrade() == 3
+        assert store.upgrade() == 0  # once
+        assert [job.id for job in store.claim(0, 8, "w1", 30)] == ["old-1", "old-2", "old-3"]
+        assert store.unfinished() == 3
+        store.finish([Outcome(job_id, 0, result=b"[1]") for job_id in ("old-1", "old-2", "old-3")], "w1")
+        assert store.unfinished() == 0
+    finally:
+        store.close()

@@ -160,6 +160,52 @@ def test_request_connections_checkpoint_only_as_a_backstop_and_checkpoint_folds_
         store.close()
 
 
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def test_after_large_jobs_expire_checkpoints_give_the_space_back(tmp_path):
+    """A 90 MB input once left a 285 MB WAL beside a 189 MB database for good: every connection cuts the
+    WAL back when it starts it over, a checkpoint truncates a WAL a large job grew, and free pages go
+    back to the disk a slice per checkpoint (new stores free pages incrementally)."""
+    store = SQLiteStore(tmp_path)
+    other = SQLiteStore(tmp_path)  # another process's connection: its own settings
+    try:
+        for db in (store._db(), other._db()):
+            assert db.execute("PRAGMA journal_size_limit").fetchone()[0] == 16 * 2**20
+        assert store._db().execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        for i in range(2):
+            other.submit([NewJob(f"big{i}", os.urandom(30 * 2**20), 1, 9, None, None)])
+            (claimed,) = other.claim(0, 8, "w", 30)
+            other.finish([Outcome(claimed.id, 0, result=claimed.payload)], "w")
+        assert _folder_mb(tmp_path) > 100
+        other.maintain(time.time() + 10, 1, 60)  # the results expire
+        for _ in range(40):
+            store.checkpoint()
+        assert _folder_mb(tmp_path) < 24, sorted((p.name, p.stat().st_size) for p in tmp_path.iterdir())
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_store_made_before_incremental_vacuum_keeps_its_free_pages_for_reuse(tmp_path):
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, stage INTEGER NOT NULL,"
+               " status TEXT NOT NULL, priority INTEGER NOT NULL, payload BLOB, n_items INTEGER NOT NULL,"
+               " deadline REAL, webhook TEXT, worker TEXT, lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0,"
+               " result BLOB, reason TEXT, error_status INTEGER, created REAL NOT NULL, finished REAL)")
+    db.close()
+    store = SQLiteStore(tmp_path)
+    try:
+        assert store._db().execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # it cannot be turned on in place
+        store.submit([NewJob("big", os.urandom(8 * 2**20), 1, 9, None, None)])
+        store.cancel(["big"], "cancelled", 409)
+        store.checkpoint()  # no error, no vacuum
+        assert store._db().execute("PRAGMA freelist_count").fetchone()[0] > 1024
+    finally:
+        store.close()
+
+
 def _open_after(folder: str, start: Any) -> None:
     start.wait()
     SQLiteStore(Path(folder)).close()
@@ -226,5 +272,88 @@ def test_a_results_row_left_behind_never_answers_for_a_new_job_of_that_id(tmp_pa
         store.claim(0, 8, "w", 30)
         store.finish([Outcome("mine", 0, result=large)], "w")  # over the stale row: no IntegrityError
         assert bytes(store.get(["mine"])["mine"].result or b"") == large
+    finally:
+        store.close()
+
+
+def _finish_many(store: SQLiteStore, count: int, origin: str | None, result: bytes = b'[{"text":"hello","id":1}]',
+                 payload: bytes = b"\x82\xa1i\x91\x82\xa4text\xa5hello\xa2id\x01\xa1k\xc0") -> None:
+    """``count`` small jobs (W1's payload and answer, a /sync one when ``origin`` is set) submitted, claimed and
+    finished 64 at a time, as a loop under load would."""
+    for start in range(0, count, 64):
+        ids = [f"{origin or 'async'}-{i:07d}" for i in range(start, min(count, start + 64))]
+        deadline = time.time() + 480 if origin is not None else None
+        store.submit([NewJob(i, payload, 1, 8, deadline, None, origin, "addr:127.0.0.1") for i in ids])
+        claimed = store.claim(0, len(ids), "w", 30)
+        store.finish([Outcome(c.id, 0, result=result) for c in claimed], "w")
+
+
+def _jobs_left(store: SQLiteStore) -> int:
+    return int(store._db().execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+
+def test_a_finished_small_job_costs_under_200_bytes_on_disk(tmp_path: Path) -> None:
+    """What a row holds once its job ended (issue 25 point 8: 239 bytes per /sync job, 199 per /async one,
+    before): no inputs, deadline, lease or bell name; one expiry index entry per job."""
+    store = SQLiteStore(tmp_path)
+    try:
+        _finish_many(store, 5000, "api-123456-0.sock")
+        _finish_many(store, 5000, None)
+        db = store._db()
+        row = db.execute("SELECT payload, deadline, lease_until, worker, origin, typeof(created) FROM jobs"
+                         " WHERE id = 'api-123456-0.sock-0000000'").fetchone()
+        assert row == (None, None, None, None, "", "real")
+        try:
+            pages = dict(db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").fetchall())
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+        per_job = sum(pages[name] for name in ("jobs", "sqlite_autoindex_jobs_1", "jobs_ended", "jobs_ended_waited"))
+        assert per_job / 10_000 < 200, pages
+    finally:
+        store.close()
+
+
+def test_expiry_goes_a_slice_at_a_time_and_catches_up_over_the_next_calls(tmp_path: Path) -> None:
+    """One maintain() deletes at most 10 slices of 500 jobs per kind, each slice a write of its own (a few
+    milliseconds of the write lock), instead of every expired job in one write; the next calls take the rest.
+    A waited-for (/sync) result expires after its own TTL; a waited-for job that failed stays as long as any."""
+    store = SQLiteStore(tmp_path)
+    try:
+        _finish_many(store, 6000, "api-1.sock")
+        _finish_many(store, 6000, None)
+        store.submit([NewJob("sync-failed", b"p", 1, 8, None, None, "api-1.sock")])
+        store.claim(0, 1, "w", 30)
+        store.finish([Outcome("sync-failed", 0, reason="it broke")], "w")
+        assert _jobs_left(store) == 12_001
+        now = time.time()
+        store.maintain(now + 60, 3600, 1e9, waited_ttl=30)  # the /sync results only
+        assert _jobs_left(store) == 12_001 - 5000
+        store.maintain(now + 60, 3600, 1e9, waited_ttl=30)
+        assert _jobs_left(store) == 6001 and "sync-failed" in store.get(["sync-failed"])
+        store.maintain(now + 7200, 3600, 1e9, waited_ttl=30)  # now the others
+        assert _jobs_left(store) == 1001
+        store.maintain(now + 7200, 3600, 1e9, waited_ttl=30)
+        assert _jobs_left(store) == 0
+    finally:
+        store.close()
+
+
+def test_a_store_from_before_expiry_by_kind_gets_its_indexes(tmp_path: Path) -> None:
+    """Stores made before kept one expiry index for every finished job (jobs_finished): it makes way for
+    one per kind, and the /sync jobs those versions finished (their origin a bell's name) expire as such."""
+    store = SQLiteStore(tmp_path)
+    _finish_many(store, 10, "api-1.sock")
+    store.close()
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript("DROP INDEX jobs_ended; DROP INDEX jobs_ended_waited;"
+                     " CREATE INDEX jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;"
+                     " UPDATE jobs SET origin = 'api-1.sock', lease_until = 1, deadline = 2;")
+    db.close()
+    store = SQLiteStore(tmp_path)
+    try:
+        names = {r[0] for r in store._db().execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_ended", "jobs_ended_waited"} <= names and "jobs_finished" not in names, names
+        store.maintain(time.time() + 60, 3600, 1e9, waited_ttl=30)
+        assert _jobs_left(store) == 0
     finally:
         store.close()

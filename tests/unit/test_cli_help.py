@@ -45,14 +45,16 @@ def test_each_command_groups_its_options_shows_defaults_and_ends_with_an_example
             entries[flag] = [section, line]
         elif flag and line.startswith("   "):
             entries[flag][1] += " " + line.strip()
-    for option in OPTIONS:  # each in its own group's section, with its default
+    taken = [option for option in OPTIONS if command in option.commands]  # those that do something here
+    assert not [o.flag for o in OPTIONS if o not in taken and o.flag in entries], command
+    for option in taken:  # each in its own group's section, with its default
         where, help_text = entries[option.flag]
         assert where == option.group and option.group in GROUPS, (option.name, where)
         shown = str(option.default).lower() if isinstance(option.default, bool) else str(option.default) or "none"
         assert f"(default: {shown}; env {option.env}" in " ".join(help_text.split()), (option.name, help_text)
     sections = {where for where, _ in entries.values()}
-    assert {"server", "batching", "store", "limits", "security", "webhooks", "logging"} <= sections, sections
-    assert " ".join(text.split()).count("(default: ") == len(OPTIONS)
+    assert {"store", "logging"} <= sections and {o.group for o in taken} == sections - {"options"}, sections
+    assert " ".join(text.split()).count("(default: ") == len(taken)
     tail = text[text.rindex("\nexample") + 1:].splitlines()[1:]  # the example comes last
     assert tail and tail[0].strip().startswith(f"fastdeploy {command} ") and not any(
         line.lstrip().startswith("-") for line in tail), tail
@@ -76,6 +78,12 @@ def test_a_mistyped_option_or_command_names_the_nearest_one(argv, nearest):
 def test_an_option_nothing_is_near_gets_no_guess():
     out = fastdeploy("run", "/no-such-recipe", "--zzzzzz")
     assert out.returncode == 2 and "unrecognized arguments: --zzzzzz" in out.stderr and "did you mean" not in out.stderr
+
+
+def test_the_removed_deny_private_flag_says_what_to_do_instead_of_pointing_to_its_opposite():
+    out = fastdeploy("run", "/no-such-recipe", "--webhook-deny-private")
+    assert out.returncode == 2 and "refused by default now" in out.stderr, out.stderr
+    assert "did you mean" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_log_format_other_than_text_or_json_stops_the_command():

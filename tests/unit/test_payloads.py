@@ -4,7 +4,7 @@ import pytest
 
 from fastdeploy.errors import BadRequest, PayloadTooLarge
 from fastdeploy.bodies import result_document
-from fastdeploy.jobs import JobStatus, decode_payload, encode_inputs, encode_prediction, encode_stage_outputs
+from fastdeploy.jobs import Binding, JobStatus, decode_payload, encode_inputs, encode_prediction, encode_stage_outputs
 from fastdeploy.payloads import parse_request, safe_file_name, validate_webhook
 
 
@@ -40,10 +40,12 @@ def test_webhook_host_allow_list():
 
 
 def test_payload_round_trips():
-    assert decode_payload(encode_inputs([1, "a"], None), "", 0) == ([1, "a"], None)
-    assert decode_payload(encode_inputs([["a.png", b"\x00\x01"]], ["a.png"]), "", 0) == ([["a.png", b"\x00\x01"]], ["a.png"])
+    job = Binding("j", 0, "", 1)
+    assert decode_payload(encode_inputs([1, "a"], None), "", job) == ([1, "a"], None)
+    assert decode_payload(encode_inputs([["a.png", b"\x00\x01"]], ["a.png"]), "", job) == ([["a.png", b"\x00\x01"]], ["a.png"])
     secret = "k" * 32
-    assert decode_payload(encode_stage_outputs([(1, {2})], None, secret), secret, 1) == ([(1, {2})], None)
+    later = Binding("j", 1, "", 1)
+    assert decode_payload(encode_stage_outputs([(1, {2})], None, secret, later), secret, later) == ([(1, {2})], None)
 
 
 def test_prediction_encoding():

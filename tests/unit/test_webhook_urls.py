@@ -48,13 +48,19 @@ def test_link_local_metadata_and_reserved_addresses_are_always_refused(address, 
     ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
     ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("172.31.255.255", "private"), ("192.168.1.1", "private"),
     ("fc00::1", "private"), ("fd12:3456::1", "private"), ("100.64.0.1", "non-public"),
+    # IPv6 ranges that reach private networks: site-local (deprecated; Python 3.11 calls it global),
+    # and IPv4 carried in IPv6 (compatible, mapped, NAT64, 6to4), judged by the IPv4 address
+    ("fec0::1", "site-local"), ("feff:ffff::1", "site-local"), ("::10.0.0.1", "private"), ("::127.0.0.1", "loopback"),
+    ("::ffff:192.168.1.1", "private"), ("64:ff9b::10.0.0.1", "private"), ("64:ff9b::127.0.0.1", "loopback"),
+    ("2002:a00:1::1", "private"), ("2002:7f00:1::1", "loopback"),
 ])
 def test_loopback_and_private_addresses_are_refused_only_when_asked(address, kind):
     assert _refusal(address) == ""
     assert _refusal(address, deny_private=True).startswith(f"{kind} address {ipaddress.ip_address(address)}")
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "172.32.0.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "172.32.0.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "::8.8.8.8",
+                                     "64:ff9b::8.8.8.8", "2002:808:808::1"])
 def test_public_addresses_are_allowed(address):
     assert _refusal(address) == "" and _refusal(address, deny_private=True) == ""
 
@@ -124,26 +130,31 @@ def test_unusable_urls_are_refused_with_a_reason(url, reason):
     "HTTPS://EXAMPLE.COM/", "http://example.com:65535/", "http://" + "a" * 63 + ".com/",
 ])
 def test_good_urls_pass_unchanged(url):
-    assert validate_webhook(url, NONE) == url
+    assert validate_webhook(url, NONE, allow_private=True) == url
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://[::1]/", "http://10.0.0.1/", "http://192.168.0.1/",
-                                 "http://[::ffff:127.0.0.1]/", "http://127.1/", "http://100.64.0.1/"])
-def test_deny_private_refuses_private_literals_at_submit(url):
-    validate_webhook(url, NONE)
-    with pytest.raises(BadRequest, match="--webhook-deny-private"):
-        validate_webhook(url, NONE, deny_private=True)
+                                 "http://[::ffff:127.0.0.1]/", "http://127.1/", "http://100.64.0.1/", "http://[fec0::1]/",
+                                 "http://[::10.0.0.1]/", "http://[64:ff9b::10.0.0.1]/", "http://[2002:a00:1::1]/"])
+def test_private_literals_are_refused_at_submit_unless_the_operator_allows_them(url):
+    with pytest.raises(BadRequest, match="--webhook-allow-private") as caught:
+        validate_webhook(url, NONE)
+    assert "--webhook-hosts" in caught.value.reason  # the other way to allow one host
+    assert validate_webhook(url, NONE, allow_private=True) == url
+    host = url.split("//", 1)[1].rstrip("/").strip("[]")
+    assert validate_webhook(url, frozenset({host})) == url  # a host the operator named may be private
 
 
-def test_deny_private_leaves_names_to_the_send_time_check():
-    assert validate_webhook("http://localhost:8080/", NONE, deny_private=True)
+def test_names_are_left_to_the_send_time_check():
+    assert validate_webhook("http://localhost:8080/", NONE)
 
 
-def test_parse_request_passes_deny_private_on():
+def test_parse_request_refuses_private_webhooks_unless_allowed():
     body = b'{"data": [1], "webhook": "http://127.0.0.1:9/"}'
-    assert parse_request(body, file_mode=False, sync=False, max_items=0).webhook == "http://127.0.0.1:9/"
     with pytest.raises(BadRequest, match="loopback"):
-        parse_request(body, file_mode=False, sync=False, max_items=0, deny_private_webhooks=True)
+        parse_request(body, file_mode=False, sync=False, max_items=0)
+    allowed = parse_request(body, file_mode=False, sync=False, max_items=0, allow_private_webhooks=True)
+    assert allowed.webhook == "http://127.0.0.1:9/"
 
 
 def test_allow_list_still_applies():
@@ -189,19 +200,36 @@ def test_signature_verifies_with_the_standardwebhooks_package():
 
 
 def test_send_time_resolution_checks_every_address_and_connects_to_it():
-    [target] = asyncio.run(resolve_targets("https://127.0.0.1:8443/a?b=1", deny_private=False))
+    [target] = asyncio.run(resolve_targets("https://127.0.0.1:8443/a?b=1", NONE, allow_private=True))
     assert (target.url, target.host_header, target.tls_host) == ("https://127.0.0.1:8443/a?b=1", "127.0.0.1:8443", "127.0.0.1")
-    targets = asyncio.run(resolve_targets("http://localhost:9/x", deny_private=False))
+    targets = asyncio.run(resolve_targets("http://localhost:9/x", NONE, allow_private=True))
     assert targets and all(t.host_header == "localhost:9" and t.tls_host is None for t in targets)
     assert {t.url for t in targets} <= {"http://127.0.0.1:9/x", "http://[::1]:9/x"}
-    with pytest.raises(Refused, match="refused: localhost resolves to loopback address"):
-        asyncio.run(resolve_targets("http://localhost:9/x", deny_private=True))
+    assert asyncio.run(resolve_targets("http://localhost:9/x", frozenset({"localhost"}), allow_private=False))
+    with pytest.raises(Refused, match="refused: localhost resolves to loopback address .*--webhook-allow-private"):
+        asyncio.run(resolve_targets("http://localhost:9/x", NONE, allow_private=False))
     with pytest.raises(Refused, match="refused: 169.254.169.254 resolves to link-local address 169.254.169.254"):
-        asyncio.run(resolve_targets("http://169.254.169.254/latest", deny_private=False))
+        asyncio.run(resolve_targets("http://169.254.169.254/latest", frozenset({"169.254.169.254"}), allow_private=True))
     with pytest.raises(Refused, match="link-local address 169.254.169.254"):  # what inet_aton makes of it
-        asyncio.run(resolve_targets("http://2852039166/", deny_private=False))
+        asyncio.run(resolve_targets("http://2852039166/", NONE, allow_private=True))
     with pytest.raises(Refused, match="not usable"):
-        asyncio.run(resolve_targets("ftp://example.com/", deny_private=False))
+        asyncio.run(resolve_targets("ftp://example.com/", NONE, allow_private=True))
+
+
+def test_send_time_checks_the_allow_list_again():
+    """A URL outside --webhook-hosts is refused when it is sent, not only at submit: it may have been
+    written into Redis by hand, or queued before the operator changed the list."""
+    listed = frozenset({"hooks.example"})
+    with pytest.raises(Refused, match="refused: 127.0.0.1 is not one of the --webhook-hosts"):
+        asyncio.run(resolve_targets("http://127.0.0.1:9/x", listed, allow_private=True))
+    with pytest.raises(Refused, match="refused: localhost is not one of the --webhook-hosts"):
+        asyncio.run(resolve_targets("http://LOCALHOST:9/x", listed, allow_private=True))
+    with pytest.raises(Refused, match="not usable"):  # an unusable URL says so first
+        asyncio.run(resolve_targets("ftp://hooks.example/", listed, allow_private=True))
+    assert asyncio.run(resolve_targets("http://Localhost:9/x", frozenset({"localhost"}), allow_private=False))
+    assert asyncio.run(resolve_targets("http://[::1]:9/x", frozenset({"::1"}), allow_private=False))
+    [target] = asyncio.run(resolve_targets("http://127.1:9/x", frozenset({"127.0.0.1"}), allow_private=False))
+    assert target.url == "http://127.0.0.1:9/x"  # a listed address in another spelling
 
 
 # -- delivery to a checked address: the real sender against a real receiver, with a stand-in DNS ----------
@@ -213,7 +241,8 @@ async def _attempt(url: str, dns: dict[str, list[str]], tmp_path: Path, client: 
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in dns.get(host, [host])]
 
     loop.getaddrinfo = getaddrinfo  # type: ignore[method-assign]
-    sender = WebhookSender(load_settings(tmp_path, {}, environ={}), store=None, call=None)  # type: ignore[arg-type]
+    settings = load_settings(tmp_path, {"webhook_allow_private": "true"}, environ={})  # the receiver is local
+    sender = WebhookSender(settings, store=None, call=None)  # type: ignore[arg-type]
     sender._client = client
     async with client:
         return await sender._attempt(WebhookDelivery("job1", url, b'{"unique_id":"job1"}', 0))
