@@ -449,10 +449,12 @@ def _webhook(value: Any, sync: bool, allowed_hosts: frozenset[str], allow_privat
 
 
 def parse_unique_id(body: Body) -> str:
-    """The id of a /result or /cancel body, which has no other key."""
+    """The id of a /result or /cancel body. Other keys beside it are ignored (SPEC.md: 400 only when
+    ``unique_id`` is missing or not a string); when it is missing, a misspelt one is named."""
     document = parse_json_body(body)
     unique_id = document.get("unique_id")
-    check_fields(document, ID_FIELDS, "the request body")
     if not isinstance(unique_id, str):
-        raise BadRequest('send {"unique_id": "<id from /async or /sync>"}; unique_id must be a string')
+        unknown = next((key for key in document if key not in ID_FIELDS), None)
+        hint = f" ({unknown_field_reason(unknown, ID_FIELDS, 'the request body')})" if unknown is not None else ""
+        raise BadRequest('send {"unique_id": "<id from /async or /sync>"}; unique_id must be a string' + hint)
     return unique_id

@@ -44,12 +44,19 @@ def _refused(response: Any, *words: str) -> str:
     ("/sync", {"data": ["x"], "priorty": 1}, ["'priorty'", "did you mean 'priority'"]),
     ("/async", {"data": ["x"], "uniqueid": "mine-1"}, ["'uniqueid'", "did you mean 'unique_id'"]),
     ("/sync", {"data": ["x"], "inputs": ["y"]}, ["'inputs'", "data, priority, webhook, unique_id, timeout"]),
-    ("/result", {"unique_id": "a", "wait": True}, ["'wait'", "the fields are unique_id"]),
+    ("/result", {"uniqe_id": "a"}, ["'uniqe_id'", "did you mean 'unique_id'"]),
     ("/cancel", {"uniqe_id": "a"}, ["'uniqe_id'", "did you mean 'unique_id'"]),
 ])
 def test_an_unknown_field_is_refused_with_the_field_it_resembles(
         slow: Server, path: str, body: dict[str, Any], words: list[str]) -> None:
     _refused(slow.post(path, body), *words)
+
+
+def test_result_and_cancel_ignore_other_keys_beside_a_unique_id_as_the_spec_says(slow: Server) -> None:
+    """SPEC.md: /result is 400 only when unique_id is missing or not a string."""
+    answer = slow.post("/result", {"unique_id": "never-sent", "wait": True})
+    assert answer.status_code == 404 and answer.json()["success"] is False, answer.text
+    assert slow.post("/cancel", {"unique_id": "never-sent", "force": 1}).status_code == 404
 
 
 def test_a_refused_request_queues_nothing(slow: Server) -> None:
