@@ -173,21 +173,24 @@ def module_server(recipe: Path | str, *, args: Sequence[str] = (),
     return server
 
 
-def make_file_recipe(folder: Path) -> Path:
-    """A tiny FILE recipe in ``folder``: each file's name, size and SHA-256 (after FD_TEST_SLEEP
-    seconds per call, when set)."""
+SIZES_PREDICTOR = (
+    "import hashlib, os, time\n\n\n"
+    "def predictor(inputs, batch_size=1):\n"
+    "    time.sleep(float(os.environ.get('FD_TEST_SLEEP', '0')))\n"
+    "    out = []\n"
+    "    for path in inputs:\n"
+    "        data = open(path, 'rb').read()\n"
+    "        out.append({'name': os.path.basename(path), 'size': len(data),\n"
+    "                    'sha256': hashlib.sha256(data).hexdigest()})\n"
+    "    return out\n"
+)
+
+
+def make_file_recipe(folder: Path, predictor: str = SIZES_PREDICTOR) -> Path:
+    """A tiny FILE recipe in ``folder``; by default each file's name, size and SHA-256 (after
+    FD_TEST_SLEEP seconds per call, when set), else the ``predictor`` source given."""
     (folder / "examples").mkdir(parents=True)
     (folder / "examples" / "a.txt").write_bytes(b"example")
     (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
-    (folder / "predictor.py").write_text(
-        "import hashlib, os, time\n\n\n"
-        "def predictor(inputs, batch_size=1):\n"
-        "    time.sleep(float(os.environ.get('FD_TEST_SLEEP', '0')))\n"
-        "    out = []\n"
-        "    for path in inputs:\n"
-        "        data = open(path, 'rb').read()\n"
-        "        out.append({'name': os.path.basename(path), 'size': len(data),\n"
-        "                    'sha256': hashlib.sha256(data).hexdigest()})\n"
-        "    return out\n"
-    )
+    (folder / "predictor.py").write_text(predictor)
     return folder

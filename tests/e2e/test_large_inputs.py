@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from fastdeploy.payloads import UPLOAD_MARKER
-from tests.helpers import RECIPES, serve, wait_until
+from tests.helpers import RECIPES, make_file_recipe, serve, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,17 +62,11 @@ def test_a_large_json_input_is_held_at_most_three_times_by_the_api_and_twice_by_
         assert gained["loop"] <= 2 * MB + SLACK_MB, gained
 
 
-def _large_output_recipe(folder: Path) -> Path:
-    """A FILE recipe whose every output is a string of FD_TEST_OUTPUT_MB megabytes."""
-    (folder / "examples").mkdir(parents=True)
-    (folder / "examples" / "a.txt").write_bytes(b"example")
-    (folder / "example.py").write_text('input_type = "file"\nexample = ["examples/a.txt"]\n')
-    (folder / "predictor.py").write_text(
-        "import os\n\n\n"
-        "def predictor(inputs, batch_size=1):\n"
-        "    return ['y' * int(float(os.environ.get('FD_TEST_OUTPUT_MB', '0')) * 1024 * 1024) for _ in inputs]\n"
-    )
-    return folder
+LARGE_OUTPUTS = (  # a FILE predictor whose every output is a string of FD_TEST_OUTPUT_MB megabytes
+    "import os\n\n\n"
+    "def predictor(inputs, batch_size=1):\n"
+    "    return ['y' * int(float(os.environ.get('FD_TEST_OUTPUT_MB', '0')) * 1024 * 1024) for _ in inputs]\n"
+)
 
 
 def test_what_only_needs_a_jobs_status_never_reads_its_large_result(tmp_path) -> None:
@@ -80,7 +74,7 @@ def test_what_only_needs_a_jobs_status_never_reads_its_large_result(tmp_path) ->
     decide on a job's status and owner alone; with a 50 MB result, the API server's peak memory
     while they run stays far below one copy of it."""
     result_mb = 50
-    recipe = _large_output_recipe(tmp_path / "recipe")
+    recipe = make_file_recipe(tmp_path / "recipe", LARGE_OUTPUTS)
     env = {"FD_TEST_OUTPUT_MB": str(result_mb), "BATCH_SIZE": "1"}
     owner, other = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     with serve(recipe, args=["--api-keys", "key-a,key-b"], env=env) as server:
